@@ -1,0 +1,535 @@
+"""
+SUBLLM: a LLaMA-style decoder whose middle blocks run on a learned subset of tokens.
+(SUBLLM, arXiv 2406.06571; Bypass and Balancer from Zipformer.) Reference: SUBLLM.md.
+
+A model is described by a structure string: `T` is a transformer block, `(` opens a subsampled level and `)`
+closes it. "TT(TT(TT)TT)TT" has two nested levels; "TTTTTTTTTT" is the plain LLaMA baseline, the same class.
+One level = score every token, keep a subset (subsample), run the inner blocks on the short sequence, scatter the
+result back to full length (upsample) and mix it with the skipped path through a learned per-channel gate (bypass).
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class SubLLMConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024          # longest sequence the model accepts (RoPE table size)
+    n_embd: int = 768
+    n_head: int = 12
+    n_kv_head: int = None           # grouped-query attention: None means n_head (plain multi-head)
+    ffn_hidden: int = None          # SwiGLU hidden size; None: LLaMA's rule, 2/3 * 4 * n_embd rounded up to 256
+    structure: str = "TTT(TT(TT)TT)TTT"
+    keep_ratio: float = 0.64        # fraction of the parent's tokens a level keeps: one float, or a tuple per depth
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    # Training schedules (SUBLLM.md §6, §7), in steps of a ~100k-step run; set_step scales them to shorter runs.
+    bypass_schedule_steps: int = 20000    # bypass lower limit c_min goes 0.9 -> 0.2
+    balancer_schedule_steps: int = 8000   # balancer probability goes 1.0 -> 0.25
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 256 * math.ceil(int(8 * self.n_embd / 3) / 256)
+        if isinstance(self.keep_ratio, list):
+            self.keep_ratio = tuple(self.keep_ratio)
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
+        depth = max_depth(parse_structure(self.structure))
+        ratios = self.keep_ratio if isinstance(self.keep_ratio, tuple) else (self.keep_ratio,) * depth
+        if len(ratios) < depth:
+            raise ValueError(f"keep_ratio {self.keep_ratio} has {len(ratios)} values but the structure has "
+                             f"{depth} nested levels: give one float, or one per level")
+        for r in ratios:
+            if not 0.0 < r <= 1.0:
+                raise ValueError(f"keep_ratio {r} must be in (0, 1]")
+
+    def keep_ratio_at(self, depth):
+        """Keep ratio of a level at nesting depth 1, 2, ..."""
+        return self.keep_ratio[depth - 1] if isinstance(self.keep_ratio, tuple) else self.keep_ratio
+
+
+def parse_structure(structure):
+    """'TT(T(T)T)T' -> ['T', 'T', ['T', ['T'], 'T'], 'T']: a list of blocks ('T') and levels (nested lists)."""
+    stack = [[]]
+    for i, ch in enumerate(structure):
+        if ch == 'T':
+            stack[-1].append('T')
+        elif ch == '(':
+            stack.append([])
+        elif ch == ')':
+            if len(stack) == 1:
+                raise ValueError(f"structure {structure!r}: ')' at position {i} closes no level")
+            level = stack.pop()
+            if 'T' not in level:
+                raise ValueError(f"structure {structure!r}: the level closed at position {i} has no 'T' block")
+            stack[-1].append(level)
+        else:
+            raise ValueError(f"structure {structure!r}: unknown character {ch!r} at position {i} (use T, '(' and ')')")
+    if len(stack) != 1:
+        raise ValueError(f"structure {structure!r}: {len(stack) - 1} '(' never closed")
+    if not stack[0]:
+        raise ValueError("structure is empty: give at least one 'T'")
+    return stack[0]
+
+
+def max_depth(items):
+    return max([1 + max_depth(it) for it in items if it != 'T'], default=0)
+
+
+def llama_twin(config):
+    """The LLaMA baseline of a SUBLLM config: same dims, same blocks, no subsampled levels."""
+    return replace(config, structure=config.structure.replace('(', '').replace(')', ''))
+
+# -----------------------------------------------------------------------------
+# LLaMA building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x_float = x.float()
+        x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x_float.type_as(x) * self.weight
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x1, x2) of each head by the angle of the token's position. x (B, H, T, D); cos, sin (B, T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2), broadcast over heads
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one block for decoding (gpt-fast style); each row writes at its own slots."""
+
+    def __init__(self, batch_size, max_len, n_kv_head, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots, k, v, length):
+        """slots (B, K): where each new token goes; k, v (B, Hkv, K, D). Returns the first `length` slots."""
+        index = slots[:, None, :, None].expand_as(k)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+        return self.k[:, :, :length], self.v[:, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.wq = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.dropout = config.dropout
+        self.kv_cache = None  # set by SubLLM.setup_cache for decoding
+
+    def forward(self, x, cos, sin, cache_ctx=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, is_causal = None, True
+        if cache_ctx is not None:
+            slots, length, mask = cache_ctx
+            k, v = self.kv_cache.update(slots, k, v, length)  # (B, Hkv, length, D): everything this level cached
+            is_causal = mask is None  # first chunk into an empty cache is plain causal attention
+        if self.n_kv_head != self.n_head:  # grouped-query attention: share each K/V head among n_head/n_kv_head queries
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, C)
+        return self.wo(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.up = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.down = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm LLaMA block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache_ctx=None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache_ctx))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+# -----------------------------------------------------------------------------
+# SUBLLM pieces: Balancer, subsample, upsample, Bypass, Level
+
+
+class Balancer(torch.autograd.Function):
+    """Identity forward. Backward adds a small push to the score gradient so that during training (a) the fraction
+    of positive scores stays within keep_ratio +- 0.05 and (b) the mean |score| stays in [1, 4] (SUBLLM.md §7).
+    That is what makes eval-time `score > 0` keep about as many tokens as train-time top-k. The push is
+    gain * mean|grad| in size and is applied with probability `prob` (scheduled by set_step)."""
+    gain = 0.04
+
+    @staticmethod
+    def forward(ctx, scores, keep_ratio, prob):
+        ctx.save_for_backward(scores, prob)
+        ctx.keep_ratio = keep_ratio
+        return scores.view_as(scores)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scores, prob = ctx.saved_tensors
+        g = Balancer.gain
+        positive = (scores > 0).float()
+        frac_positive, mean_abs = positive.mean(), scores.abs().mean().float()
+        lo, hi = ctx.keep_ratio - 0.05, ctx.keep_ratio + 0.05
+        push_up = ((lo - frac_positive) * g / lo).clamp(0, g)  # too few positive: raise every score
+        push_down = ((frac_positive - hi) * g / (1 - hi)).clamp(0, g) if hi < 1 else 0.0
+        grow = ((1.0 - mean_abs) * g).clamp(0, g) - ((mean_abs - 4.0) * g / 4.0).clamp(0, g)  # |s| into [1, 4]
+        direction = (push_up - push_down) + grow * (positive - 0.5)  # > 0 means: make this score larger
+        apply = (torch.rand((), device=grad.device) < prob).float()
+        grad = grad - apply * direction * grad.abs().mean()
+        return grad, None, None
+
+
+class LimitParamValue(torch.autograd.Function):
+    """Zipformer's soft clamp: identity forward; backward flips the sign of a gradient that would push the parameter
+    further outside [lo, hi], on a random ~60% of steps. The forward always uses the raw value."""
+
+    @staticmethod
+    def forward(ctx, param, lo, hi):
+        ctx.save_for_backward(param, lo)
+        ctx.hi = hi
+        return param.view_as(param)
+
+    @staticmethod
+    def backward(ctx, grad):
+        param, lo = ctx.saved_tensors
+        outward = ((param < lo) & (grad > 0)) | ((param > ctx.hi) & (grad < 0))  # descent would step further out
+        flip = outward & (torch.rand((), device=grad.device) < 0.6)
+        return torch.where(flip, -grad, grad), None, None
+
+
+class Bypass(nn.Module):
+    """out = x + (u - x) * c with a learned per-channel c (init 0.5), softly held in [c_min, 1] while training."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.c = nn.Parameter(torch.full((n_embd,), 0.5))
+        self.register_buffer('c_min', torch.tensor(0.9), persistent=False)  # set_step moves it 0.9 -> 0.2
+
+    def forward(self, x, u):
+        c = LimitParamValue.apply(self.c, self.c_min, 1.0) if self.training else self.c
+        return x + (u - x) * c
+
+
+def gather_tokens(x, idx):
+    """x (B, T, ...) , idx (B, K) -> (B, K, ...): the rows of x at idx, per batch row."""
+    return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def subsample_topk(scores, keep_ratio):
+    """Training-time selection (SUBLLM.md §4.2): the top k = ceil(keep * T) scores of each row, kept in causal order,
+    with soft weights w_i = clamp(s_(i), 0, 1) - clamp(s_(i+k), 0, 1) so a token near the cut weighs little and the
+    scorer gets a gradient. Static shapes: k depends only on T. scores (B, T) -> idx (B, k), weights (B, k)."""
+    T = scores.size(1)
+    k = math.ceil(keep_ratio * T)
+    top, order = scores.topk(min(2 * k, T), dim=1)      # (B, min(2k, T)) sorted descending
+    clamped = top.clamp(0, 1)
+    below = F.pad(clamped[:, k:], (0, 2 * k - clamped.size(1)))  # s_(i+k); missing entries count as 0
+    weights = clamped[:, :k] - below                     # (B, k) in descending-score order
+    idx, perm = order[:, :k].sort(dim=1)                 # ascending positions: the short sequence stays causal
+    return idx, weights.gather(1, perm)
+
+
+def subsample_threshold(scores, valid):
+    """Eval-time selection (SUBLLM.md §4.3): keep tokens whose score > 0, decided token by token (causal).
+    Rows keep different counts: kept tokens go first, in order, and rows are right-padded to the longest.
+    Returns idx (B, K), weights (B, K) (0 on padding), kept (B, K) bool, counts (list of ints, one per row)."""
+    keep = scores > 0
+    if valid is not None:
+        keep = keep & valid
+    counts = keep.sum(1)
+    counts_list = counts.tolist()  # host sync: the short length K is data dependent in eval
+    K = max(counts_list)
+    idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]  # kept first, then the rest, in order
+    kept = torch.arange(K, device=scores.device)[None, :] < counts[:, None]
+    weights = gather_tokens(scores, idx).clamp(0, 1) * kept
+    return idx, weights, kept, counts_list
+
+
+def upsample(x, y, idx, weights):
+    """Scatter the short sequence back to full length (SUBLLM.md §5): at a kept position p the result is
+    w_p * y_p + (1 - w_p) * x_p, elsewhere x_p. x (B, T, C), y (B, K, C), idx and weights (B, K)."""
+    w = weights[..., None].to(y.dtype)
+    mixed = w * y + (1 - w) * gather_tokens(x, idx)
+    return x.scatter(1, idx[..., None].expand_as(y), mixed)
+
+
+class Stack(nn.Module):
+    """A sequence of blocks and nested levels that all see the same tokens. Keeps the decode-cache length of its
+    tokens, one per batch row (rows keep different numbers of tokens inside levels)."""
+
+    def __init__(self, config, items, depth):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(config) if it == 'T' else Level(config, it, depth + 1) for it in items])
+        self.cache_lens = None  # list of ints per row while decoding with a cache
+
+    def forward(self, x, pos, rope, valid=None, counts=None):
+        """x (B, T, C); pos (B or 1, T) original positions; valid (B, T) bool or None (no padding);
+        counts: real tokens per row (list of ints), known where the caller already synced it."""
+        cos, sin = rope[0][pos], rope[1][pos]  # (B or 1, T, D/2): angles of the original positions
+        cache_ctx = None
+        if self.cache_lens is not None:
+            cache_ctx = self.cache_context(x.size(1), counts or [x.size(1)] * x.size(0), x.device)
+        for layer in self.layers:
+            if isinstance(layer, Block):
+                x = layer(x, cos, sin, cache_ctx)
+            else:
+                x = layer(x, pos, rope, valid)
+        return x
+
+    def cache_context(self, K, counts, device):
+        """Slots for K new tokens per row, after what each row already cached, and the attention mask over them."""
+        lens = torch.tensor(self.cache_lens, device=device)
+        slots = lens[:, None] + torch.arange(K, device=device)  # (B, K); padding writes past the row's end, unused
+        length = max(self.cache_lens) + K
+        mask = None
+        if max(self.cache_lens) > 0:  # a key slot is visible to a query if it is at or before the query's slot
+            mask = torch.arange(length, device=device)[None, None, None, :] <= slots[:, None, :, None]
+        self.cache_lens = [n + c for n, c in zip(self.cache_lens, counts)]
+        return slots, length, mask
+
+
+class Level(nn.Module):
+    """One subsampled level: score -> Balancer -> subsample -> inner Stack -> upsample -> Bypass."""
+
+    def __init__(self, config, items, depth):
+        super().__init__()
+        self.depth, self.keep_ratio = depth, config.keep_ratio_at(depth)
+        self.scorer = nn.Linear(config.n_embd, 1, bias=False)
+        self.register_buffer('balancer_prob', torch.tensor(1.0), persistent=False)  # set_step: 1.0 -> 0.25
+        self.inner = Stack(config, items, depth)
+        self.bypass = Bypass(config.n_embd)
+        self.tokens_in, self.tokens_kept = 0, 0  # eval-mode counters, for logs and sample.py
+
+    def forward(self, x, pos, rope, valid=None):
+        scores = self.scorer(x).squeeze(-1).float()  # (B, T): one score per token
+        if self.training:
+            scores = Balancer.apply(scores, self.keep_ratio, self.balancer_prob)
+            idx, weights = subsample_topk(scores, self.keep_ratio)  # (B, k), k = ceil(keep * T)
+            kept, counts = None, None
+        else:
+            idx, weights, kept, counts = subsample_threshold(scores, valid)
+            self.tokens_in += x.size(1) * x.size(0) if valid is None else int(valid.sum())
+            self.tokens_kept += sum(counts)
+            if idx.size(1) == 0:  # no token of any row entered: the level is the skip path, out = x
+                return x
+        x_short = gather_tokens(x, idx)                         # (B, k, C)
+        pos_short = gather_tokens(pos.expand(x.size(0), -1), idx)  # (B, k): original positions, for RoPE
+        y = self.inner(x_short, pos_short, rope, kept, counts)  # (B, k, C)
+        return self.bypass(x, upsample(x, y, idx, weights))
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class SubLLM(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.stack = Stack(config, parse_structure(config.structure), depth=0)
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.tok_embeddings.weight = self.lm_head.weight
+        # real cos/sin tables (not complex): they survive NCCL broadcast and torch.compile
+        head_dim = config.n_embd // config.n_head
+        freqs = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        angles = torch.outer(torch.arange(config.block_size).float(), freqs)  # (block_size, D/2)
+        self.register_buffer('rope_cos', angles.cos(), persistent=False)
+        self.register_buffer('rope_sin', angles.sin(), persistent=False)
+        self.apply(self._init_weights)
+        n_layer = len(self.blocks())
+        for name, p in self.named_parameters():  # GPT-2 scaled init of the projections into the residual stream
+            if name.endswith('wo.weight') or name.endswith('down.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def blocks(self):
+        return [m for m in self.modules() if isinstance(m, Block)]
+
+    def levels(self):
+        return [m for m in self.modules() if isinstance(m, Level)]
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weights are one parameter, counted once
+
+    def set_step(self, step, max_steps=None):
+        """Advance the training schedules: bypass c_min 0.9 -> 0.2, balancer probability 1.0 -> 0.25, linearly.
+        Their lengths are for a ~100k-step run; a run of max_steps < 100k shrinks them in proportion."""
+        scale = 1.0 if max_steps is None else min(1.0, max_steps / 100_000)
+        bypass_done = min(1.0, step / max(1.0, self.config.bypass_schedule_steps * scale))
+        balancer_done = min(1.0, step / max(1.0, self.config.balancer_schedule_steps * scale))
+        for level in self.levels():
+            level.bypass.c_min.fill_(0.9 - 0.7 * bypass_done)
+            level.balancer_prob.fill_(1.0 - 0.75 * balancer_done)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> (logits, loss). With targets: logits at every position and the mean
+        cross-entropy; without: logits of the last position only. After setup_cache, idx is the next chunk of
+        the sequence and is appended to the caches (eval mode)."""
+        B, T = idx.shape
+        start = 0 if self.stack.cache_lens is None else self.stack.cache_lens[0]
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
+        x = self.dropout(self.tok_embeddings(idx))  # (B, T, C)
+        x = self.stack(x, pos, (self.rope_cos, self.rope_sin))
+        x = self.norm(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        else:
+            logits, loss = self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
+        return logits, loss
+
+    # -- optimizer and FLOPs ---------------------------------------------------
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; matrices are decayed, norms and bypass gates are not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        fused = device_type == 'cuda'
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def forward_flops(self, T, keep=None):
+        """Forward FLOPs for one sequence of T tokens, counting for each block the tokens it really sees
+        (SUBLLM.md §9). keep: a keep fraction per level depth (list); default the config's keep ratios, which is
+        exactly what train-time top-k keeps. Matmuls 2 * tokens * weights; causal attention 2 * T^2 * C."""
+        cfg = self.config
+        kv_dim = cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
+        block_weights = 2 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * kv_dim + 3 * cfg.n_embd * cfg.ffn_hidden
+
+        def stack_flops(stack, t):
+            total = 0.0
+            for layer in stack.layers:
+                if isinstance(layer, Block):
+                    total += 2 * t * block_weights + 2 * t * t * cfg.n_embd
+                else:
+                    frac = layer.keep_ratio if keep is None else keep[layer.depth - 1]
+                    t_inner = math.ceil(frac * t) if keep is None else frac * t
+                    total += 2 * t * cfg.n_embd + stack_flops(layer.inner, t_inner)  # scorer + inner blocks
+            return total
+        return stack_flops(self.stack, T) + 2 * T * cfg.n_embd * cfg.vocab_size
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
+        """Model FLOPs utilization: achieved FLOP/s (fwd + bwd = 3x fwd, over sequences of block_size) over the
+        device's peak. Returns None when the peak is unknown (CPU, unlisted GPU)."""
+        peak_flops = peak_flops or gpu_peak_flops()
+        if peak_flops is None:
+            return None
+        return 3 * self.forward_flops(self.config.block_size) * fwdbwd_per_iter / dt / peak_flops
+
+    # -- decoding ----------------------------------------------------------------
+
+    def setup_cache(self, batch_size, max_len):
+        """Allocate a KV cache in every block (None frees them). Each level's blocks hold only its tokens."""
+        param = self.lm_head.weight
+        for stack in [m for m in self.modules() if isinstance(m, Stack)]:
+            stack.cache_lens = None if batch_size is None else [0] * batch_size
+            for layer in stack.layers:
+                if isinstance(layer, Block):
+                    attn = layer.attn
+                    attn.kv_cache = None if batch_size is None else KVCache(
+                        batch_size, max_len, attn.n_kv_head, attn.head_dim, param.dtype, param.device)
+
+    def reset_level_stats(self):
+        for level in self.levels():
+            level.tokens_in, level.tokens_kept = 0, 0
+
+    def level_stats(self):
+        """Per level, in eval mode since the last reset: (depth, tokens offered, tokens kept)."""
+        return [(level.depth, level.tokens_in, level.tokens_kept) for level in self.levels()]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Sample max_new_tokens after idx (B, T), in eval mode. With use_cache, the prompt fills every level's
+        KV cache and each new token runs only the levels its scores let it into; use_cache=False recomputes the
+        full eval forward every step (the reference)."""
+        B, T = idx.shape
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} tokens is "
+                             f"longer than block_size={self.config.block_size}: shorten one of them")
+        was_training = self.training
+        self.eval()
+        if use_cache:
+            self.setup_cache(B, T + max_new_tokens)
+        try:
+            logits, _ = self(idx)  # with a cache: the prefill
+            for i in range(max_new_tokens):
+                logits = logits[:, -1, :] / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('Inf')
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+                idx = torch.cat((idx, idx_next), dim=1)
+                if i < max_new_tokens - 1:
+                    logits, _ = self(idx_next if use_cache else idx)
+        finally:
+            if use_cache:
+                self.setup_cache(None, None)
+            self.train(was_training)
+        return idx
+
+
+def gpu_peak_flops():
+    """Dense bf16 peak of the current CUDA device, from its name; None on CPU or for an unlisted GPU."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, flops in [('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),
+                       ('L40S', 362e12), ('L4', 121e12), ('A10', 125e12), ('4090', 165e12), ('3090', 71e12)]:
+        if key in name:
+            return flops
+    return None
