@@ -1,0 +1,406 @@
+"""Tests of model.py: tiny configs on CPU. Run with `python -m pytest -q`."""
+import math
+
+import pytest
+import torch
+
+from model import (SubLLM, SubLLMConfig, Level, Stack, llama_twin, parse_structure, subsample_topk,
+                   subsample_threshold, upsample)
+
+V = 64  # vocabulary of the tiny models
+
+
+def tiny(structure="T(T(T)T)T", keep_ratio=0.5, **kw):
+    kw = {'vocab_size': V, 'block_size': 64, 'n_embd': 32, 'n_head': 4, **kw}
+    return SubLLMConfig(structure=structure, keep_ratio=keep_ratio, **kw)
+
+
+def build(config, seed=0, weight_scale=None):
+    """A random model. weight_scale re-draws every matrix with std weight_scale / sqrt(fan_in): larger weights
+    than the training init, so that attention is far from uniform and position bugs show in the logits."""
+    torch.manual_seed(seed)
+    model = SubLLM(config)
+    if weight_scale is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, weight_scale / math.sqrt(p.size(1)))
+    return model
+
+
+class ScoreControl:
+    """Forward hooks that decide, per level depth and original position, whether a token enters a level:
+    force_in / force_out map depth -> set of positions whose score becomes +50 / -50; others keep their own score
+    (plus `shift[depth]`). Works the same in the full forward and in cached decoding, because it keys on the
+    original positions that each level passes to RoPE."""
+
+    def __init__(self, model, force_in=None, force_out=None, shift=None):
+        self.force_in, self.force_out, self.shift = force_in or {}, force_out or {}, shift or {}
+        self.scores = {}  # depth -> list of (positions, scores) seen, for the tests to inspect
+        for level in model.levels():
+            level.register_forward_pre_hook(self.remember_positions)
+            level.scorer.register_forward_hook(self.adjust(level))
+
+    def remember_positions(self, level, args):
+        level._positions = args[1]  # (1 or B, T) original positions of the tokens this level sees
+
+    def adjust(self, level):
+        def hook(scorer, inputs, out):
+            pos = level._positions.expand(out.shape[:2])  # (B, T)
+            out = out + self.shift.get(level.depth, 0.0)
+            for p in self.force_in.get(level.depth, ()):
+                out = torch.where((pos == p)[..., None], torch.full_like(out, 50.0), out)
+            for p in self.force_out.get(level.depth, ()):
+                out = torch.where((pos == p)[..., None], torch.full_like(out, -50.0), out)
+            self.scores.setdefault(level.depth, []).append((pos.detach().clone(), out.detach().squeeze(-1)))
+            return out
+        return hook
+
+
+# -----------------------------------------------------------------------------
+# config, structure, shapes
+
+
+def test_shapes_and_initial_loss():
+    model = build(tiny())
+    idx = torch.randint(0, V, (3, 20))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 20, V)
+    assert abs(loss.item() - math.log(V)) < 0.3  # near uniform at init
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, V) and loss is None
+    model.eval()
+    assert model(idx, idx)[0].shape == (3, 20, V)
+
+
+def test_parse_structure():
+    assert parse_structure("TT") == ['T', 'T']
+    assert parse_structure("T(T(T)T)T") == ['T', ['T', ['T'], 'T'], 'T']
+    assert parse_structure("(T)") == [['T']]
+    for bad, message in [("T(T", "never closed"), ("T)T", "closes no level"), ("T()T", "no 'T'"),
+                         ("T(x)T", "unknown character"), ("", "empty"), ("T((T))", "no 'T'")]:
+        with pytest.raises(ValueError, match=message):
+            parse_structure(bad)
+
+
+def test_config_errors():
+    for kw, message in [({'keep_ratio': 0.0}, r"\(0, 1\]"), ({'keep_ratio': 1.5}, r"\(0, 1\]"),
+                        ({'keep_ratio': (0.5,)}, "one per level"), ({'n_head': 5}, "divisible by n_head"),
+                        ({'n_kv_head': 3}, "divisible by n_kv_head"), ({'structure': "T(T"}, "never closed")]:
+        with pytest.raises(ValueError, match=message):
+            tiny(**kw)
+    model = build(tiny())
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=5)
+
+
+def llama_param_count(c):
+    """The LLaMA parameter count written out: embeddings, head, per block 4 projections + SwiGLU + 2 norms."""
+    head_dim = c.n_embd // c.n_head
+    attention = 2 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_kv_head * head_dim
+    block = attention + 3 * c.n_embd * c.ffn_hidden + 2 * c.n_embd
+    embeddings = c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)
+    return embeddings + c.structure.count('T') * block + c.n_embd
+
+
+@pytest.mark.parametrize("kw", [{}, {'n_kv_head': 2}, {'tie_embeddings': True}, {'ffn_hidden': 80}])
+def test_llama_baseline_parameter_count(kw):
+    config = tiny(**kw)
+    twin = llama_twin(config)
+    assert twin.structure == "TTTTT" and SubLLM(twin).levels() == []
+    assert SubLLM(twin).get_num_params() == llama_param_count(twin)
+    # SUBLLM adds a scorer and a bypass (n_embd each) per level, nothing else
+    assert SubLLM(config).get_num_params() == llama_param_count(twin) + 2 * 2 * config.n_embd
+    assert tiny().ffn_hidden == 256  # LLaMA's rule: 8/3 * 32 rounded up to a multiple of 256
+
+
+# -----------------------------------------------------------------------------
+# the level: selection, positions, upsample, bypass
+
+
+def test_eval_mode_is_causal():
+    model = build(tiny(), weight_scale=1.0).eval()
+    control = ScoreControl(model)
+    idx = torch.randint(0, V, (2, 40))
+    base = model(idx, idx)[0]
+    for t in [0, 7, 20, 39]:
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % V
+        logits = model(changed, changed)[0]
+        assert torch.allclose(logits[:, :t], base[:, :t], atol=1e-5)  # not bit-equal: padded lengths change
+        if t < 39:
+            assert not torch.allclose(logits[:, t:], base[:, t:])
+    kept = [(s > 0).float().mean().item() for _, s in control.scores[1]]
+    assert 0.1 < min(kept) and max(kept) < 0.9  # the check above ran with both kept and skipped tokens
+
+
+def test_subsample_topk_keeps_ceil_k_in_order():
+    torch.manual_seed(0)
+    for T, keep in [(10, 0.5), (11, 0.64), (7, 1.0), (5, 0.1)]:
+        scores = torch.randn(3, T) * 2
+        idx, weights = subsample_topk(scores, keep)
+        k = math.ceil(keep * T)
+        assert idx.shape == weights.shape == (3, k)
+        assert torch.all(idx[:, 1:] > idx[:, :-1])  # ascending, no repeats: the short sequence stays causal
+        assert torch.equal(idx, scores.topk(k, dim=1).indices.sort(dim=1).values)
+        ranked = scores.sort(dim=1, descending=True).values.clamp(0, 1)  # w = clamp(s_(i)) - clamp(s_(i+k))
+        below = torch.cat([ranked[:, k:], torch.zeros(3, k)], dim=1)[:, :k]
+        assert torch.allclose(weights.sort(dim=1, descending=True).values,
+                              (ranked[:, :k] - below).sort(dim=1, descending=True).values)
+
+
+def test_subsample_threshold_right_pads():
+    scores = torch.tensor([[1.0, -1.0, 2.0, 0.5], [-1.0, -2.0, 0.3, -0.1]])
+    idx, weights, kept, counts = subsample_threshold(scores, None)
+    assert counts == [3, 1]
+    assert idx[0].tolist() == [0, 2, 3] and idx[1, 0].item() == 2
+    assert kept.tolist() == [[True, True, True], [True, False, False]]
+    assert torch.allclose(weights, torch.tensor([[1.0, 1.0, 0.5], [0.3, 0.0, 0.0]]))
+
+
+def test_train_mode_levels_see_ceil_keep_tokens_at_original_positions():
+    model = build(tiny(keep_ratio=(0.75, 0.4)))
+    control = ScoreControl(model)
+    seen = {}
+    for level in model.levels():
+        level.inner.register_forward_pre_hook(
+            lambda stack, args, depth=level.depth: seen.__setitem__(depth, (args[0].shape, args[1].clone())))
+    idx = torch.randint(0, V, (2, 30))
+    model(idx, idx)
+    k1, k2 = math.ceil(0.75 * 30), math.ceil(0.4 * math.ceil(0.75 * 30))
+    assert seen[1][0] == (2, k1, 32) and seen[2][0] == (2, k2, 32)
+    # level 1 sees the positions of its top-k scores, in order; level 2 the top-k of those (RoPE gets these)
+    scores1 = control.scores[1][0][1]
+    expected1 = scores1.topk(k1, dim=1).indices.sort(dim=1).values
+    assert torch.equal(seen[1][1], expected1)
+    scores2 = control.scores[2][0][1]
+    expected2 = expected1.gather(1, scores2.topk(k2, dim=1).indices.sort(dim=1).values)
+    assert torch.equal(seen[2][1], expected2)
+
+
+def test_rope_uses_the_positions_it_is_given():
+    """A level's inner blocks must see the original positions: shifting them all by a constant leaves attention
+    unchanged (RoPE is relative), but moving one token's position changes the result."""
+    config = tiny(structure="TT")
+    stack = build(config, weight_scale=1.0).stack
+    model = SubLLM(config)
+    rope = (model.rope_cos, model.rope_sin)
+    x = torch.randn(1, 6, 32)
+    pos = torch.tensor([[1, 4, 5, 9, 12, 20]])
+    y = stack(x, pos, rope)
+    assert torch.allclose(stack(x, pos + 7, rope), y, atol=1e-5)
+    assert not torch.allclose(stack(x, torch.tensor([[1, 4, 5, 9, 13, 20]]), rope), y, atol=1e-3)
+
+
+def test_upsample_leaves_skipped_positions_equal_to_skip_path():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 8, 4), torch.randn(2, 3, 4)
+    idx = torch.tensor([[1, 4, 6], [0, 2, 7]])
+    weights = torch.tensor([[1.0, 0.5, 0.0], [0.2, 1.0, 0.7]])
+    out = upsample(x, y, idx, weights)
+    for b in range(2):
+        for t in range(8):
+            if t in idx[b]:
+                j = idx[b].tolist().index(t)
+                assert torch.allclose(out[b, t], weights[b, j] * y[b, j] + (1 - weights[b, j]) * x[b, t])
+            else:
+                assert torch.equal(out[b, t], x[b, t])
+
+
+def test_level_output_is_input_where_a_token_skips():
+    """In eval mode a skipped token takes the skip path: the level's output equals its input there."""
+    model = build(tiny(), weight_scale=1.0).eval()
+    control = ScoreControl(model, force_out={1: {3, 4, 10}})
+    level = model.levels()[0]
+    io = {}
+    level.register_forward_hook(lambda m, args, out: io.update(x=args[0], out=out))
+    idx = torch.randint(0, V, (1, 16))
+    model(idx, idx)
+    skipped = (control.scores[1][0][1][0] <= 0).nonzero().flatten().tolist()
+    assert {3, 4, 10} <= set(skipped) and len(skipped) < 16
+    kept = [t for t in range(16) if t not in skipped]
+    assert torch.equal(io['out'][0, skipped], io['x'][0, skipped])
+    assert not torch.allclose(io['out'][0, kept], io['x'][0, kept])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_keep_one_all_positive_is_inner_blocks_plus_bypass(training):
+    model = build(tiny(structure="T(TT)T", keep_ratio=1.0), weight_scale=1.0).train(training)
+    ScoreControl(model, shift={1: 100.0})  # every score >= 1: soft weights are exactly 1, every token enters
+    level = model.levels()[0]
+    x = torch.randn(2, 12, 32)
+    pos = torch.arange(12)[None]
+    rope = (model.rope_cos, model.rope_sin)
+    out = level(x, pos, rope)
+    inner = level.inner(x, pos.expand(2, -1), rope)
+    c = level.bypass.c
+    assert torch.allclose(out, x + (inner - x) * c, atol=1e-5)
+
+
+def test_every_parameter_gets_a_finite_gradient():
+    model = build(tiny(n_kv_head=2))
+    idx = torch.randint(0, V, (4, 32))
+    model(idx, idx)[1].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name  # the scorers too: through the soft weights of top-k
+
+
+def test_set_step_schedules():
+    model = build(tiny(bypass_schedule_steps=100, balancer_schedule_steps=40))
+    level = model.levels()[0]
+    assert level.bypass.c_min.item() == pytest.approx(0.9) and level.balancer_prob.item() == 1.0
+    model.set_step(20)
+    assert level.bypass.c_min.item() == pytest.approx(0.9 - 0.7 * 0.2)
+    assert level.balancer_prob.item() == pytest.approx(1.0 - 0.75 * 0.5)
+    model.set_step(1000)
+    assert level.bypass.c_min.item() == pytest.approx(0.2) and level.balancer_prob.item() == pytest.approx(0.25)
+    model.set_step(10, max_steps=10_000)  # a 10k-step run does the schedules 10x faster
+    assert level.bypass.c_min.item() == pytest.approx(0.2) and level.balancer_prob.item() == pytest.approx(0.25)
+
+
+def test_balancer_holds_positive_fraction_at_keep_ratio():
+    """Train a toy SUBLLM on a learnable sequence task; at the end the fraction of positive scores in eval mode
+    (which is what decides inference) is within 0.05 of each level's keep ratio."""
+    torch.manual_seed(0)
+    model = SubLLM(tiny(keep_ratio=(0.75, 0.4)))
+    successor = torch.randperm(V)
+
+    def batch(b):  # next token = successor[token], or successor + 1 with probability 0.2
+        x = [torch.randint(0, V, (b,))]
+        for _ in range(64):
+            x.append((successor[x[-1]] + (torch.rand(b) < 0.2).long()) % V)
+        x = torch.stack(x, 1)
+        return x[:, :-1], x[:, 1:]
+
+    steps, lr = 300, 1e-2
+    optimizer = model.configure_optimizers(0.0, lr, (0.9, 0.95), 'cpu')
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        model.set_step(step, steps)
+        loss = model(*batch(8))[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1.0  # it learned the task (ln 64 = 4.16 at the start)
+    model.eval()
+    model.reset_level_stats()
+    with torch.no_grad():
+        model(*batch(64))
+    for depth, tokens_in, tokens_kept in model.level_stats():
+        assert abs(tokens_kept / tokens_in - (0.75, 0.4)[depth - 1]) < 0.05, (depth, tokens_kept / tokens_in)
+
+
+def test_compiled_forward_matches_eager():
+    model = build(tiny(structure="T(T)T"))
+    idx = torch.randint(0, V, (2, 16))
+    compiled = torch.compile(model)
+    for training in [True, False]:
+        model.train(training)
+        torch.manual_seed(1)
+        eager_logits, eager_loss = model(idx, idx)
+        compiled_logits, compiled_loss = compiled(idx, idx)
+        assert torch.allclose(compiled_logits, eager_logits, atol=1e-4)
+        assert torch.allclose(compiled_loss, eager_loss, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# FLOP count (SUBLLM.md §9)
+
+
+@pytest.mark.parametrize("keep,ratios", [(0.5, (1.49, 1.51, 1.55)), (0.64, (1.33, 1.34, 1.37)),
+                                         (0.8, (1.17, 1.18, 1.19))])
+def test_forward_flops_match_the_spec_table(keep, ratios):
+    config = SubLLMConfig(vocab_size=32000, block_size=8192, n_embd=2048, n_head=16, ffn_hidden=5504,
+                          structure="TTTTT(TTTTT(TTTT)TTTTT)TTTTT", keep_ratio=keep)
+    with torch.device('meta'):
+        subllm, llama = SubLLM(config), SubLLM(llama_twin(config))
+    for T, ratio in zip((2048, 4096, 8192), ratios):
+        assert llama.forward_flops(T) / subllm.forward_flops(T, keep=[keep, keep]) == pytest.approx(ratio, abs=0.006)
+    C, F, V_ = 2048, 5504, 32000  # the baseline's count is the spec's per-block formula plus the head
+    assert llama.forward_flops(2048) == 24 * (2 * 2048 * (4 * C * C + 3 * C * F) + 2 * 2048 ** 2 * C) + 2 * 2048 * C * V_
+
+
+# -----------------------------------------------------------------------------
+# KV-cache decoding: every step must give the logits of the full eval-mode forward
+
+
+def cached_logits(model, idx, chunks):
+    """Feed idx (B, T) through the cache in chunks of the given sizes; the logits of every position."""
+    model.setup_cache(idx.size(0), idx.size(1))
+    out, start = [], 0
+    try:
+        for size in chunks:
+            piece = idx[:, start:start + size]
+            out.append(model(piece, piece)[0])  # targets only to get logits at every position of the chunk
+            start += size
+    finally:
+        model.setup_cache(None, None)
+    assert start == idx.size(1)
+    return torch.cat(out, dim=1)
+
+
+CACHE_CASES = {  # name: (force_in, force_out) per depth, with a prompt of 8 tokens then decoding
+    'natural scores': ({}, {}),
+    'level 1 keeps none of the prompt': ({1: {9, 12}}, {1: set(range(8))}),
+    'level 1 keeps one prompt token': ({1: {5, 10}}, {1: set(range(8)) - {5}}),
+    'levels keep all of the prompt': ({1: set(range(8)), 2: set(range(8))}, {}),
+    'level 2 keeps none of the prompt': ({1: {0, 3, 4}, 2: {11}}, {2: set(range(8))}),
+    'level 2 keeps one prompt token': ({1: {2, 6}, 2: {6, 13}}, {2: set(range(8)) - {6}}),
+}
+
+
+@pytest.mark.parametrize("case", CACHE_CASES)
+@pytest.mark.parametrize("B,chunks", [(1, [8] + [1] * 12), (3, [8] + [1] * 12), (2, [8, 3, 1, 4, 1, 2, 1])])
+def test_cached_decoding_equals_full_forward(case, B, chunks):
+    force_in, force_out = CACHE_CASES[case]
+    model = build(tiny(structure="T(T(TT)T)T", n_kv_head=2), seed=B, weight_scale=1.5).eval()
+    control = ScoreControl(model, force_in, force_out)
+    idx = torch.randint(0, V, (B, 20), generator=torch.Generator().manual_seed(B))
+    with torch.no_grad():
+        full = model(idx, idx)[0]
+        control.scores.clear()
+        cached = cached_logits(model, idx, chunks)
+    assert (cached - full).abs().max().item() < 1e-4
+    for depth in (1, 2):  # decode steps both entered and skipped each level
+        decode = [s for pos, s in control.scores[depth] if pos.min() >= 8]
+        entered = torch.cat([s.flatten() for s in decode]) > 0
+        assert entered.any() and not entered.all(), (depth, entered)
+
+
+def test_cached_decoding_baseline():
+    model = build(tiny(structure="TTT", n_kv_head=2), weight_scale=1.5).eval()
+    idx = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        assert (cached_logits(model, idx, [5, 1, 1, 6, 1, 1, 5]) - model(idx, idx)[0]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("structure", ["T(T(TT)T)T", "TTT"])
+def test_greedy_generation_same_with_and_without_cache(structure):
+    model = build(tiny(structure=structure), weight_scale=1.5)
+    prompt = torch.randint(0, V, (2, 6))
+    with_cache = model.generate(prompt, 30, top_k=1, use_cache=True)
+    without = model.generate(prompt, 30, top_k=1, use_cache=False)
+    assert with_cache.shape == (2, 36) and torch.equal(with_cache, without)
+    assert model.training  # generate restores the mode it found
+
+
+def test_decode_entry_fraction_matches_positive_scores():
+    """The number of tokens that enter each level while decoding equals the number of positive scores that the
+    full eval forward over the same sequence gives, level by level."""
+    model = build(tiny(), weight_scale=1.5).eval()
+    prompt = torch.randint(0, V, (1, 10))
+    model.reset_level_stats()
+    out = model.generate(prompt, 40, use_cache=True)
+    decoded = model.level_stats()
+    control = ScoreControl(model)
+    model.reset_level_stats()
+    with torch.no_grad():
+        model(out[:, :-1])  # the last sampled token was never fed back
+    assert decoded == model.level_stats()
+    positive = (control.scores[1][0][1] > 0).sum().item()
+    assert decoded[0][2] == positive and 0 < positive < 49
