@@ -1,0 +1,233 @@
+"""
+Tests of train.py on tiny models and tiny token files made here (prepare.py is not needed).
+Most run train.py in this process with runpy (torch is already imported: fast); the command-line paths (a one-line
+error on stderr, torchrun with 2 processes) run it as a subprocess.
+"""
+import functools
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from model import SubLLM, SubLLMConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(HERE, 'train.py')
+TINY = ['--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=4', '--eval_iters=2', '--log_interval=1',
+        '--warmup_iters=0', '--device=cpu', '--compile=False', '--structure=TT(T(T)T)T']
+CKPT_KEYS = {'model', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'config', 'meta', 'rng',
+             'train_seconds'}
+
+
+def make_data(root, train, val, vocab_size=64):
+    """root/tiny/{train,val}.bin and meta.json, as prepare.py writes them."""
+    d = root / 'tiny'
+    d.mkdir(parents=True)
+    np.asarray(train, dtype=np.uint16).tofile(d / 'train.bin')
+    np.asarray(val, dtype=np.uint16).tofile(d / 'val.bin')
+    meta = dict(tokenizer='byte', vocab_size=vocab_size, dtype='uint16', train_tokens=len(train),
+                val_tokens=len(val), source='test_train.py')
+    (d / 'meta.json').write_text(json.dumps(meta))
+    return ['--data_dir=' + str(root), '--dataset=tiny']
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = np.random.default_rng(0)
+    return make_data(tmp_path / 'data', rng.integers(0, 64, 4000), rng.integers(0, 64, 600))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run as fast on one thread, and a busy machine does not slow them down as much."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def train(monkeypatch, *args):
+    """Run train.py in this process with these command-line arguments."""
+    monkeypatch.setattr(sys, 'argv', ['train.py', *args])
+    runpy.run_path(TRAIN, run_name='__main__')
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+
+
+def env1():
+    return dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE)
+
+
+@pytest.mark.parametrize('structure', ['TT(T(T)T)T', 'TTTTTT'])
+def test_loss_falls_on_a_repeated_batch_and_checkpoint_has_what_sample_needs(monkeypatch, tmp_path, structure):
+    rng = np.random.default_rng(1)
+    crop = rng.integers(0, 64, 33)  # exactly block_size + 1 tokens: every batch is this one crop
+    out = str(tmp_path / 'out')
+    train(monkeypatch, *TINY, *make_data(tmp_path / 'data', crop, crop), f'--out_dir={out}', f'--structure={structure}',
+          '--max_iters=30', '--eval_interval=10', '--learning_rate=1e-2')
+
+    log = read_log(out)
+    assert [r['iter'] for r in log] == [0, 10, 20, 30]
+    assert log[-1]['train_loss'] < 0.5 * log[0]['train_loss']  # it memorises the batch
+    assert log[-1]['tokens'] == 30 * 4 * 32
+    fields = {'iter', 'tokens', 'time_s', 'lr', 'train_loss', 'val_loss'}
+    if structure == 'TTTTTT':  # the LLaMA baseline: same script, no levels
+        assert set(log[-1]) == fields
+    else:
+        assert set(log[-1]) == fields | {'val_loss_topk', 'kept'}
+        assert len(log[-1]['kept']) == 2 and all(0 <= k <= 1 for k in log[-1]['kept'])
+
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']  # no ckpt.pt.tmp left behind
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)  # plain types only: safe to load
+    assert set(ckpt) == CKPT_KEYS
+    assert ckpt['iter_num'] == 30 and ckpt['meta']['vocab_size'] == 64 and ckpt['config']['max_iters'] == 30
+    assert not any(k.startswith('_orig_mod.') for k in ckpt['model'])
+    model = SubLLM(SubLLMConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])  # strict: everything sample.py needs, without the data dir
+    assert model.config.structure == structure
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(monkeypatch, tmp_path, data):
+    flags = [*TINY, *data, '--max_iters=12', '--eval_interval=4', '--learning_rate=3e-3', '--warmup_iters=3']
+    train(monkeypatch, *flags, f'--out_dir={tmp_path / "a"}')
+
+    original = SubLLM.set_step
+
+    def interrupted_set_step(self, step, max_steps=None):  # Ctrl-C at the start of iter 6
+        if step == 6:
+            raise KeyboardInterrupt
+        original(self, step, max_steps)
+    monkeypatch.setattr(SubLLM, 'set_step', interrupted_set_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(monkeypatch, *flags, f'--out_dir={tmp_path / "b"}')
+    monkeypatch.setattr(SubLLM, 'set_step', original)
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt')['iter_num'] == 4
+    train(monkeypatch, *flags, f'--out_dir={tmp_path / "b"}', '--init_from=resume')
+
+    log_a, log_b = read_log(tmp_path / 'a'), read_log(tmp_path / 'b')
+    for r in log_a + log_b:
+        r.pop('time_s')
+    assert [r['iter'] for r in log_b] == [0, 4, 8, 12]  # appended after the checkpoint's eval, no duplicates
+    assert log_a == log_b  # the same losses, exactly
+    model_a, model_b = (torch.load(tmp_path / d / 'ckpt.pt')['model'] for d in 'ab')
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, data):
+    original = SubLLM.forward
+
+    def forward(self, idx, targets=None):  # the training loss turns NaN at iter 3 (its 4th training forward)
+        logits, loss = original(self, idx, targets)
+        if self.training and torch.is_grad_enabled():
+            forward.calls += 1
+            if forward.calls > 3:
+                loss = loss * float('nan')
+        return logits, loss
+    forward.calls = 0
+    monkeypatch.setattr(SubLLM, 'forward', forward)
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit, match=r'loss is nan at iter \d.*last good checkpoint'):
+        train(monkeypatch, *TINY, *data, f'--out_dir={out}', '--max_iters=10', '--eval_interval=2')
+    assert torch.load(out / 'ckpt.pt')['iter_num'] == 2
+    assert [r['iter'] for r in read_log(out)] == [0, 2]
+
+
+def test_ddp_two_processes_gloo_completes_and_writes_one_checkpoint(tmp_path, data):
+    # each rank runs train.py, then saves the weights it ends with: gradient sync must have kept them equal
+    wrapper = tmp_path / 'train_and_dump.py'
+    wrapper.write_text(f"import os, runpy, torch\n"
+                       f"g = runpy.run_path({TRAIN!r}, run_name='__main__')\n"
+                       f"path = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt')\n"
+                       f"torch.save(g['raw_model'].state_dict(), path)\n")
+    out = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(wrapper), *TINY,
+           *data, f'--out_dir={out}', '--max_iters=4', '--eval_interval=4', '--gradient_accumulation_steps=4',
+           '--always_save_checkpoint=False']
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env1(), cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count('iter 3: loss') == 1  # only rank 0 logs
+    assert '2 process(es)' in p.stdout and 'x 2 accumulation' in p.stdout
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']  # only rank 0 saves
+    assert [r['iter'] for r in read_log(out)] == [0, 4]
+    assert read_log(out)[-1]['tokens'] == 4 * (4 * 4 * 32)  # iters x (accumulation x batch x block, all ranks)
+    ckpt = torch.load(out / 'ckpt.pt')
+    assert ckpt['iter_num'] == 4 and len(ckpt['rng']) == 2  # every rank's random state, for an exact resume
+    assert not torch.equal(ckpt['rng'][0]['batches'], ckpt['rng'][1]['batches'])  # ranks read different crops
+    rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    for k in ckpt['model']:  # 4 steps on different crops per rank, yet the same weights: the gradients were synced
+        assert torch.equal(rank0[k], rank1[k]) and torch.equal(rank0[k], ckpt['model'][k]), k
+
+
+def test_a_bad_flag_is_one_line_on_stderr(tmp_path):
+    p = subprocess.run([sys.executable, TRAIN, '--batch_sise=8'], capture_output=True, text=True, env=env1(),
+                       cwd=tmp_path, timeout=60)
+    assert p.returncode == 1 and p.stdout == ''
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr  # no traceback
+    assert "unknown setting 'batch_sise'" in p.stderr and 'batch_size' in p.stderr and 'keep_ratio' in p.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--batch_sise=8'], r"unknown setting 'batch_sise' \(from --batch_sise=8\); valid keys: .*batch_size"),
+    (['--batch_size=big'], r"batch_size expects int, got 'big'"),
+    (['--compile=yes'], r"compile expects True or False"),
+    (['--keep_ratio=0.5,x'], r"keep_ratio expects float"),
+    (['batchsize=8'], r"config file 'batchsize=8' not found"),
+    (['--data_dir=nowhere'], r"no train.bin, val.bin, meta.json in nowhere/tiny/: run `python prepare.py` first"),
+    (['--block_size=1000'], r"block_size=1000 is larger than the val split \(600 tokens"),
+    (['--n_head=3'], r"bad model settings: n_embd=32 must be divisible by n_head=3"),
+    (['--structure=TT(T'], r"bad model settings: structure 'TT\(T': 1 '\(' never closed"),
+    (['--init_from=resume'], r"no checkpoint at"),
+])
+def test_user_errors_are_one_line_messages(monkeypatch, tmp_path, data, args, message):
+    with pytest.raises(SystemExit, match=message):
+        train(monkeypatch, *TINY, *data, f'--out_dir={tmp_path / "out"}', '--max_iters=1', *args)
+
+
+def test_token_ids_beyond_the_vocab_are_an_error(monkeypatch, tmp_path):
+    data = make_data(tmp_path / 'data', np.full(100, 70), np.full(100, 3))  # meta says vocab 64
+    with pytest.raises(SystemExit, match=r"train.bin holds token id 70, but the model's vocab_size is 64"):
+        train(monkeypatch, *TINY, *data, f'--out_dir={tmp_path / "out"}', '--max_iters=1', '--eval_interval=5')
+
+
+def test_compile_failure_says_compile_false(monkeypatch, tmp_path, data):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no working C++ compiler")
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=broken_backend))
+    try:
+        with pytest.raises(SystemExit, match=r"torch.compile failed \(.*no working C\+\+ compiler.*--compile=False"):
+            train(monkeypatch, *TINY, *data, f'--out_dir={tmp_path / "out"}', '--max_iters=1', '--compile=True')
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize('name', ['tiny_cpu', 'gpu_subllm_250m', 'gpu_llama_250m'])
+def test_configs_are_valid_and_the_gpu_ones_are_the_paper_size(monkeypatch, tmp_path, name):
+    path = os.path.join(HERE, 'config', f'{name}.py')
+    # train.py accepts every setting of the config (the run then stops at the missing data)
+    with pytest.raises(SystemExit, match='run `python prepare.py`'):
+        train(monkeypatch, path, f'--data_dir={tmp_path}')
+    settings = {'__file__': path}
+    exec(open(path).read(), settings)
+    if name == 'tiny_cpu':
+        return
+    fields = ('block_size', 'n_embd', 'n_head', 'structure', 'keep_ratio', 'tie_embeddings')
+    with torch.device('meta'):
+        model = SubLLM(SubLLMConfig(vocab_size=50304, **{k: settings[k] for k in fields}))
+    assert 0.24e9 < model.get_num_params() < 0.26e9 and len(model.blocks()) == 24
+    assert [lv.depth for lv in model.levels()] == ([] if 'llama' in name else [1, 2])
+
+
+def test_tiny_cpu_config_runs(monkeypatch, tmp_path):
+    rng = np.random.default_rng(0)
+    data = make_data(tmp_path / 'data', rng.integers(0, 256, 2000), rng.integers(0, 256, 400), vocab_size=256)
+    out = tmp_path / 'out'
+    train(monkeypatch, os.path.join(HERE, 'config', 'tiny_cpu.py'), *data, f'--out_dir={out}', '--max_iters=2',
+          '--eval_iters=1')
+    assert [r['iter'] for r in read_log(out)] == [0, 2]

@@ -1,0 +1,445 @@
+"""
+Train SUBLLM, or its LLaMA baseline, on the token files that prepare.py writes. One script for a CPU, one GPU
+or many GPUs (DDP).
+
+    python prepare.py --tokenizer=byte && python train.py config/tiny_cpu.py     # a few minutes on a laptop CPU
+    python train.py config/tiny_cpu.py --structure=TTTTTTTTTT                    # same blocks, no levels: LLaMA
+    python train.py config/gpu_subllm_250m.py                                    # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py config/gpu_subllm_250m.py  # 8 GPUs on one node
+    python train.py config/tiny_cpu.py --init_from=resume                        # continue from out_dir/ckpt.pt
+
+Every global in the first section is a setting. A config file (python that assigns some of them) overrides the
+defaults, then --key=value flags override both; `python train.py --help` lists them all.
+Each eval appends a JSON line to out_dir/log.jsonl: iter, tokens (seen by all processes), time_s (seconds of
+training since the run began, evals and checkpoint saving excluded, continued across resumes), lr, train_loss and
+val_loss (eval mode: a level keeps the tokens whose score is > 0, as in inference), and for SUBLLM val_loss_topk
+(the same val batches with the training-time top-k selection) and kept (per level, the fraction of its parent's
+tokens it kept on those val batches in eval mode). out_dir/ckpt.pt holds everything to resume or to sample.
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+import types
+from ast import literal_eval
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import SubLLMConfig, SubLLM
+
+# -----------------------------------------------------------------------------
+# default settings: a small SUBLLM on the default corpus
+# I/O
+out_dir = 'out'
+eval_interval = 250
+log_interval = 10
+eval_iters = 50                 # batches per split at each eval
+eval_only = False               # evaluate once (at iter 0, or at the resumed checkpoint) and exit
+always_save_checkpoint = True   # save at every eval; if False only when val loss improves (and always at the end)
+init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# data
+data_dir = 'data'
+dataset = 'stdlib'              # reads data_dir/dataset/{train.bin, val.bin, meta.json}
+gradient_accumulation_steps = 1  # micro-steps per iteration, in total over all processes
+batch_size = 16                 # sequences per micro-step and process
+block_size = 256
+# model: the fields of SubLLMConfig (vocab_size comes from meta.json)
+n_embd = 384
+n_head = 6
+n_kv_head = 0                   # 0: same as n_head (no grouped-query attention)
+ffn_hidden = 0                  # 0: LLaMA's rule, 8/3 * n_embd rounded up to a multiple of 256
+structure = 'TT(TT(TT)TT)TT'    # T = a block, ( ) = a subsampled level; no parentheses = the LLaMA baseline
+keep_ratio = 0.64               # fraction of its parent's tokens a level keeps; a tuple gives one per depth
+rope_theta = 10000.0
+norm_eps = 1e-5
+tie_embeddings = False
+dropout = 0.0
+bypass_schedule_steps = 20000   # schedule lengths for a 100k-step run; set_step shrinks them for shorter runs
+balancer_schedule_steps = 8000
+# AdamW and the learning rate schedule: linear warmup, then cosine decay to min_lr
+learning_rate = 1e-3
+max_iters = 5000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                 # clip the gradient norm at this value; 0 disables
+warmup_iters = 100
+lr_decay_iters = 0              # 0: decay until max_iters
+min_lr = 1e-4
+# system
+device = 'auto'                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'                  # 'auto' (bfloat16 if the GPU has it, else float16; float32 on CPU) or one of those
+compile = True                  # torch.compile on CUDA; on CPU only when given explicitly (it takes minutes there)
+seed = 1337
+
+# -----------------------------------------------------------------------------
+# poor man's configurator: config files, then --key=value flags. A mistake ends the run with a one-line message.
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, tuple))]
+user_keys = set()  # the settings this run was given explicitly
+
+
+def checked(key, value, source):
+    """value with the type of the key's default, or a one-line error. An int is fine for a float, and keep_ratio
+    may also be a tuple of floats (one per nesting depth)."""
+    if key not in config_keys:
+        raise SystemExit(f"unknown setting {key!r} ({source}); valid keys: {', '.join(config_keys)}")
+    default = globals()[key]
+    value = tuple(value) if isinstance(value, list) else value
+    numbers = (int, float)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = (isinstance(value, numbers) and not isinstance(value, bool)) or (
+            key == 'keep_ratio' and isinstance(value, tuple) and all(isinstance(r, numbers) for r in value))
+        value = float(value) if ok and not isinstance(value, tuple) else value
+    else:
+        ok = type(value) is type(default)
+    if not ok:
+        expected = 'True or False' if isinstance(default, bool) else type(default).__name__
+        raise SystemExit(f"{key} expects {expected}, got {value!r} ({source})")
+    return value
+
+
+for arg in sys.argv[1:]:
+    if arg in ('-h', '--help'):
+        print(__doc__)
+        print('settings (default values):\n' + '\n'.join(f"  --{k}={globals()[k]}" for k in config_keys))
+        sys.exit(0)
+    if not arg.startswith('--'):  # a config file: python that assigns settings
+        if not os.path.isfile(arg):
+            raise SystemExit(f"config file {arg!r} not found (settings are given as --key=value)")
+        namespace = {'__file__': arg}
+        exec(open(arg).read(), namespace)
+        settings = {k: v for k, v in namespace.items()  # every plain value it defines (imports and helpers aside)
+                    if not k.startswith('_') and not callable(v) and not isinstance(v, types.ModuleType)}
+        source = f"in {arg}"
+    else:
+        key, eq, value = arg[2:].partition('=')
+        if not eq:
+            raise SystemExit(f"bad argument {arg!r}: use --key=value")
+        if key in config_keys and not isinstance(globals()[key], str):
+            try:
+                value = literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass  # stays a string, and the type check below says what was expected
+        settings, source = {key: value}, f"from {arg}"
+    for key, value in settings.items():
+        globals()[key] = checked(key, value, source)
+        user_keys.add(key)
+config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint
+# -----------------------------------------------------------------------------
+
+# device, precision and DDP (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+if dtype == 'auto':
+    dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    raise SystemExit(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    ddp_rank, ddp_local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    if gradient_accumulation_steps % ddp_world_size != 0:
+        raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} counts micro-steps over all "
+                         f"processes, so it must be divisible by the number of processes ({ddp_world_size})")
+    gradient_accumulation_steps //= ddp_world_size
+    if device_type == 'cuda':
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+else:
+    ddp_rank, ddp_world_size = 0, 1
+master_process = ddp_rank == 0  # only rank 0 logs, evaluates and saves
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+
+torch.manual_seed(seed + ddp_rank)  # per-rank seeds; DDP copies rank 0's initial weights to every rank
+np.random.seed(seed + ddp_rank)
+random.seed(seed + ddp_rank)
+train_gen = torch.Generator().manual_seed(seed + ddp_rank)  # picks this rank's training crops; saved for resume
+torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere and newer
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# data: train.bin and val.bin are flat arrays of token ids, described by meta.json
+data_path = os.path.join(data_dir, dataset)
+missing = [f for f in ('train.bin', 'val.bin', 'meta.json') if not os.path.exists(os.path.join(data_path, f))]
+if missing:
+    raise SystemExit(f"no {', '.join(missing)} in {data_path}/: run `python prepare.py` first "
+                     f"(it writes data/stdlib/; see `python prepare.py --help` for other data)")
+with open(os.path.join(data_path, 'meta.json')) as f:
+    meta = json.load(f)
+for split in ('train', 'val'):
+    n_tokens = os.path.getsize(os.path.join(data_path, f'{split}.bin')) // np.dtype(meta['dtype']).itemsize
+    if n_tokens < block_size + 1:
+        raise SystemExit(f"block_size={block_size} is larger than the {split} split ({n_tokens} tokens in "
+                         f"{data_path}/{split}.bin): use a smaller --block_size or prepare more text")
+
+
+def get_batch(split, generator):
+    """Random crops of block_size + 1 tokens: x is each crop without its last token, y without its first."""
+    # memmap again for every batch: a memmap kept open for the whole run grows the resident memory
+    data = np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=meta['dtype'], mode='r')
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    crops = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))  # (B, T+1)
+    if int(crops.max()) >= vocab_size:
+        raise SystemExit(f"{split}.bin holds token id {int(crops.max())}, but the model's vocab_size is {vocab_size} "
+                         f"(meta.json says {meta['vocab_size']}): data and meta.json disagree; run prepare.py again")
+    x, y = crops[:, :-1].contiguous(), crops[:, 1:].contiguous()  # (B, T) each
+    if device_type == 'cuda':  # pinned memory lets the copy to the GPU run asynchronously
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# model: from scratch, or from out_dir/ckpt.pt
+iter_num, best_val_loss, train_seconds = 0, float('inf'), 0.0
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+checkpoint = None
+if init_from == 'scratch':
+    model_args = dict(vocab_size=64 * math.ceil(meta['vocab_size'] / 64),  # a multiple of 64 is faster (50257 -> 50304)
+                      block_size=block_size, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head or None,
+                      ffn_hidden=ffn_hidden or None, structure=structure, keep_ratio=keep_ratio, rope_theta=rope_theta,
+                      norm_eps=norm_eps, tie_embeddings=tie_embeddings, dropout=dropout,
+                      bypass_schedule_steps=bypass_schedule_steps, balancer_schedule_steps=balancer_schedule_steps)
+elif init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"init_from=resume, but there is no checkpoint at {ckpt_path}")
+    checkpoint = torch.load(ckpt_path, map_location='cpu')  # on CPU first: loading onto the GPU can run out of memory
+    model_args = checkpoint['model_args']  # the model's shape comes from the checkpoint, everything else from this run
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    train_seconds = checkpoint['train_seconds']
+    changed = [f"{k}={config[k]!r} (was {v!r})" for k, v in checkpoint['config'].items()
+               if k != 'init_from' and config.get(k) != v]
+    if changed and master_process:
+        print(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
+    if meta['vocab_size'] > model_args['vocab_size']:
+        raise SystemExit(f"the data's vocab ({meta['vocab_size']}) is larger than the checkpoint model's "
+                         f"({model_args['vocab_size']}): resume on the dataset it was trained on")
+else:
+    raise SystemExit(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+try:
+    model = SubLLM(SubLLMConfig(**model_args))
+except ValueError as e:
+    raise SystemExit(f"bad model settings: {e}") from None
+vocab_size = model.config.vocab_size
+if checkpoint is not None:
+    # checkpoints of a compiled model (older ones) carry an '_orig_mod.' prefix
+    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+if block_size > model.config.block_size:
+    raise SystemExit(f"block_size={block_size} is longer than the checkpoint model's ({model.config.block_size})")
+model.to(device)
+levels = model.levels()  # empty for the LLaMA baseline
+use_compile = compile and (device_type == 'cuda' or 'compile' in user_keys)
+if master_process:
+    print(f"device {device}, dtype {dtype}, compile {use_compile}, {ddp_world_size} process(es)")
+    print(f"{model.get_num_params() / 1e6:.2f}M parameters, vocab {vocab_size} ({meta['tokenizer']} tokens)")
+    if levels:
+        print(f"SUBLLM, structure {model.config.structure}, keep ratio per level (depth): "
+              + ', '.join(f"{lv.keep_ratio:g} (d{lv.depth})" for lv in levels))
+    else:
+        print(f"LLaMA baseline, structure {model.config.structure} (no subsampled levels)")
+    print(f"tokens per iteration: {tokens_per_iter:,} = {ddp_world_size} process(es) x {gradient_accumulation_steps} "
+          f"accumulation x {batch_size} batch x {block_size} block")
+
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # fp16 needs loss scaling; bf16 does not
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+
+raw_model = model  # the plain module: evals, checkpoints, set_step and MFU use it
+if use_compile:
+    if master_process:
+        print("compiling the model (the first iteration takes a minute or so)")
+    try:
+        model = torch.compile(model)
+    except RuntimeError as e:  # e.g. a Python version that this torch's compiler does not support yet
+        raise SystemExit(f"torch.compile failed ({str(e).strip().splitlines()[0]}): run with --compile=False") from None
+if ddp:
+    # the buffers (RoPE tables, schedule values) are the same on every rank: no need to broadcast them each step
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+
+
+def rng_state():
+    """This process's random states: restoring them makes a resumed run repeat the uninterrupted one exactly."""
+    np_state = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+            'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),  # plain lists: loadable with weights_only
+            'python': random.getstate(), 'batches': train_gen.get_state()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] is not None and device_type == 'cuda':
+        torch.cuda.set_rng_state(state['cuda'])
+    np.random.set_state((state['numpy'][0], np.array(state['numpy'][1], dtype=np.uint32), *state['numpy'][2:]))
+    random.setstate(state['python'])
+    train_gen.set_state(state['batches'])
+
+
+if checkpoint is not None:
+    if len(checkpoint['rng']) == ddp_world_size:
+        set_rng_state(checkpoint['rng'][ddp_rank])
+    else:  # another number of processes: reseed, away from the seeds of any fresh start
+        train_gen.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
+        torch.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
+        if master_process:
+            print(f"the checkpoint has random states for {len(checkpoint['rng'])} processes, this run has "
+                  f"{ddp_world_size}: reseeded, so this is not an exact continuation")
+checkpoint = None  # free the memory
+
+
+def get_lr(it):
+    """Linear warmup for warmup_iters, then cosine decay down to min_lr at lr_decay_iters, then min_lr."""
+    decay_iters = lr_decay_iters or max_iters
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # goes 1 -> 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss of each split over eval_iters batches, the same batches at every eval so that evals compare.
+    Eval mode is the inference path: a level keeps the tokens whose score is > 0. For SUBLLM also val_loss_topk, the
+    same val batches with the training-time top-k selection (train mode, no gradients; dropout is 0 by default):
+    the gap between the two is the train/inference mismatch. And per level the fraction of tokens it kept on val."""
+    out = {}
+    with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):  # leave training's RNG alone
+        for split in ('train', 'val'):
+            generator = torch.Generator().manual_seed(seed + 1_000_003 + (split == 'val'))  # not a rank's seed
+            losses, losses_topk = torch.zeros(eval_iters), torch.zeros(eval_iters)
+            raw_model.reset_level_stats()
+            for k in range(eval_iters):
+                X, Y = get_batch(split, generator)
+                raw_model.eval()
+                with ctx:
+                    losses[k] = raw_model(X, Y)[1].item()
+                if split == 'val' and levels:
+                    raw_model.train()
+                    with ctx:
+                        losses_topk[k] = raw_model(X, Y)[1].item()
+            out[f'{split}_loss'] = losses.mean().item()
+        if levels:
+            out['val_loss_topk'] = losses_topk.mean().item()
+            out['kept'] = [kept / max(1, seen) for _, seen, kept in raw_model.level_stats()]  # of the parent's tokens
+    raw_model.train()
+    return out
+
+
+# logging: out_dir/log.jsonl gets one JSON line per eval
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master_process and not eval_only:
+    os.makedirs(out_dir, exist_ok=True)
+    old = open(log_path).readlines() if init_from == 'resume' and os.path.exists(log_path) else []
+    with open(log_path, 'w') as f:  # a resumed run drops the evals after its checkpoint: it redoes them
+        f.writelines(line for line in old if line.strip() and json.loads(line)['iter'] <= iter_num)
+
+# training loop
+resumed_at = iter_num if init_from == 'resume' else None  # that iter's eval came before its checkpoint was saved
+if init_from == 'resume' and iter_num >= max_iters and not eval_only and master_process:
+    print(f"the checkpoint is at iter {iter_num} and max_iters={max_iters}: nothing to do (raise --max_iters)")
+t0 = t_train = time.time()  # t_train: start of the current stretch of training, evals excluded
+local_iter_num, running_mfu = 0, -1.0
+while True:
+    lr = get_lr(iter_num)
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at):
+        all_states = [rng_state()]
+        if ddp:  # every rank's random states go into the checkpoint, so that every rank resumes exactly
+            all_states = [None] * ddp_world_size
+            dist.all_gather_object(all_states, rng_state())
+        if master_process:
+            if device_type == 'cuda':
+                torch.cuda.synchronize()
+            train_seconds += time.time() - t_train
+            losses = estimate_loss()
+            line = f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
+            if levels:
+                line += (f", val loss with top-k selection {losses['val_loss_topk']:.4f}, kept "
+                         + ' '.join(f"d{lv.depth} {kept:.3f}" for lv, kept in zip(levels, losses['kept'])))
+            print(line, flush=True)
+            if not all(map(math.isfinite, [losses['train_loss'], losses['val_loss']])):
+                raise SystemExit(f"the eval loss is not finite at iter {iter_num}: stopping; the last good "
+                                 f"checkpoint (if any) is kept in {ckpt_path}; try a lower --learning_rate")
+            if not eval_only:
+                record = dict(iter=iter_num, tokens=iter_num * tokens_per_iter, time_s=round(train_seconds, 3),
+                              lr=lr, **losses)
+                with open(log_path, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+            improved = losses['val_loss'] < best_val_loss
+            best_val_loss = min(best_val_loss, losses['val_loss'])
+            if iter_num > 0 and not eval_only and (improved or always_save_checkpoint or iter_num == max_iters):
+                checkpoint = {
+                    'model': raw_model.state_dict(),
+                    'optimizer': optimizer.state_dict(),
+                    'scaler': scaler.state_dict(),
+                    'model_args': asdict(raw_model.config),
+                    'iter_num': iter_num,
+                    'best_val_loss': best_val_loss,
+                    'config': config,
+                    'meta': meta,
+                    'rng': all_states,
+                    'train_seconds': train_seconds,
+                }
+                print(f"saving checkpoint to {ckpt_path}")
+                torch.save(checkpoint, ckpt_path + '.tmp')  # write, then rename: a crash never leaves half a file
+                os.replace(ckpt_path + '.tmp', ckpt_path)
+                checkpoint = None
+            t0 = t_train = time.time()
+    if eval_only or iter_num >= max_iters:
+        break
+
+    # one optimizer step: forward, backward and gradient accumulation over micro-steps
+    raw_model.set_step(iter_num, max_iters)  # advances the bypass and balancer schedules
+    try:
+        for micro_step in range(gradient_accumulation_steps):
+            X, Y = get_batch('train', train_gen)
+            if ddp:
+                # sync gradients only at the last micro-step; set before the forward, which prepares the reduction
+                model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+            with ctx:
+                logits, loss = model(X, Y)
+                loss = loss / gradient_accumulation_steps  # the gradients add up over micro-steps: average them
+            scaler.scale(loss).backward()
+    except torch._dynamo.exc.TorchDynamoException as e:
+        reason = next((s for s in str(e).splitlines() if s.strip() and 'raised:' not in s), type(e).__name__)
+        raise SystemExit(f"torch.compile failed ({reason.strip()}): run with --compile=False") from None
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    if iter_num % log_interval == 0:
+        lossf = loss.item() * gradient_accumulation_steps  # the last micro-step's loss; .item() waits for the GPU
+        if not math.isfinite(lossf):
+            raise SystemExit(f"loss is {lossf} at iter {iter_num}: stopping; the last good checkpoint (if any) is kept "
+                             f"in {ckpt_path}; try a lower --learning_rate or --grad_clip")
+    t1 = time.time()
+    dt, t0 = t1 - t0, t1
+    if iter_num % log_interval == 0 and master_process:
+        if local_iter_num >= 5:  # let the first iterations (compilation, warmup) pass
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+            running_mfu = running_mfu if mfu is None else mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tokens_per_iter / dt:,.0f} tok/s"
+              + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ''), flush=True)
+    iter_num += 1
+    local_iter_num += 1
+
+if ddp:
+    dist.destroy_process_group()
