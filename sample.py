@@ -1,0 +1,176 @@
+"""
+Sample from a model trained by train.py: SUBLLM or its LLaMA baseline, with model.py's per-level KV cache.
+
+    python sample.py --out_dir=out-tiny                               # after: python train.py config/tiny_cpu.py
+    python sample.py --out_dir=out-tiny --start="def main(" --num_samples=5 --max_new_tokens=100
+    python sample.py --out_dir=out-tiny --start=FILE:prompt.txt       # the prompt from a file
+    python sample.py --out_dir=out-tiny --top_k=1 --use_cache=False   # greedy, recomputing everything each step
+
+Every global in the first section is a setting, given as --key=value (`python sample.py --help` lists them). The
+tokenizer is the one of the checkpoint's dataset (its meta.json, saved in the checkpoint). At the end it prints the
+decode speed (generated tokens per second, the prompt's prefill excluded) and, per subsampled level, the fraction
+of the generated tokens that entered it: a token whose score is not positive skips every block inside the level,
+which is where SUBLLM's decoding speedup comes from.
+"""
+import os
+import sys
+import time
+from ast import literal_eval
+from contextlib import nullcontext
+
+import torch
+
+from model import SubLLMConfig, SubLLM
+from prepare import get_tokenizer
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'             # reads out_dir/ckpt.pt
+start = '\n'                # the prompt, or FILE:path to read it from a file
+num_samples = 3             # samples, one after another (batch 1: the cached decode is exact there)
+max_new_tokens = 200        # tokens generated per sample; prompt + max_new_tokens must fit in block_size
+temperature = 0.8           # < 1: more likely tokens, > 1: more random
+top_k = 200                 # sample among the top_k most likely tokens; 0: among all; 1: greedy
+seed = 1337
+device = 'auto'             # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'
+dtype = 'auto'              # 'auto' (bfloat16 if the GPU has it, else float16; float32 on CPU) or one of those
+compile = False             # torch.compile the model's forward (CUDA; decode shapes change, so it recompiles)
+use_cache = True            # False: every step reruns the whole sequence (the reference the cache must match)
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))]
+for arg in sys.argv[1:]:  # --key=value; the value takes the type of the key's default
+    if arg in ('-h', '--help'):
+        print(__doc__ + '\nsettings (default values):\n' + '\n'.join(f"  --{k}={globals()[k]!r}" for k in config_keys))
+        sys.exit(0)
+    key, eq, value = arg[2:].partition('=')
+    if not arg.startswith('--') or not eq or key not in config_keys:
+        raise SystemExit(f"bad argument {arg!r}: use --key=value with key one of {', '.join(config_keys)}")
+    default = globals()[key]
+    if not isinstance(default, str):
+        try:
+            value = literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # stays a string: the type check says what was expected
+        if isinstance(default, float) and type(value) is int:
+            value = float(value)
+    if type(value) is not type(default):
+        expected = 'True or False' if isinstance(default, bool) else type(default).__name__
+        raise SystemExit(f"--{key} expects {expected}, got {value!r}")
+    globals()[key] = value
+if num_samples < 1 or max_new_tokens < 1:
+    raise SystemExit("--num_samples and --max_new_tokens must be at least 1")
+if temperature <= 0:
+    raise SystemExit(f"--temperature must be > 0, got {temperature} (for greedy decoding use --top_k=1)")
+
+# device and precision: autocast on the GPU, plain float32 on the CPU
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+if device_type == 'cuda' and not torch.cuda.is_available():
+    raise SystemExit(f"--device={device}, but this torch sees no CUDA GPU: use --device=cpu")
+if dtype == 'auto':
+    dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    raise SystemExit(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere and newer
+torch.manual_seed(seed)
+
+# the model and its tokenizer, from the checkpoint
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if not os.path.isfile(ckpt_path):
+    raise SystemExit(f"no checkpoint at {ckpt_path}: train a model first (python train.py config/tiny_cpu.py writes "
+                     f"out-tiny/ckpt.pt) or pass --out_dir=DIR of a run that saved one")
+try:
+    checkpoint = torch.load(ckpt_path, map_location='cpu')  # on the CPU first: loading onto the GPU can run out
+except Exception as e:
+    raise SystemExit(f"cannot read {ckpt_path} ({type(e).__name__}): is it a checkpoint written by train.py?") from None
+missing = [k for k in ('model', 'model_args', 'meta') if not isinstance(checkpoint, dict) or k not in checkpoint]
+if missing:
+    raise SystemExit(f"{ckpt_path} has no {', '.join(missing)}: is it a checkpoint written by train.py?")
+try:
+    model = SubLLM(SubLLMConfig(**checkpoint['model_args']))
+    # checkpoints of a compiled model (older ones) carry an '_orig_mod.' prefix
+    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+except (TypeError, ValueError, RuntimeError) as e:
+    raise SystemExit(f"{ckpt_path} does not fit this model.py: {' '.join(str(e).split())[:300]}") from None
+tok = get_tokenizer(checkpoint['meta'].get('tokenizer'))  # a PrepareError (one line) when gpt2 cannot load offline
+if tok.vocab_size > model.config.vocab_size:
+    raise SystemExit(f"tokenizer {tok.name} has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+print(f"{ckpt_path}: iter {checkpoint.get('iter_num')}, {model.get_num_params() / 1e6:.2f}M parameters, "
+      f"structure {model.config.structure}, {tok.name} tokens")
+checkpoint = None  # free the memory
+model.eval()
+model.to(device)
+if compile:
+    model.compile()
+
+# the prompt
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"cannot read the prompt file {start[5:]!r}: {getattr(e, 'strerror', None) or e}") from None
+start_ids = tok.encode(start)
+if not start_ids:
+    raise SystemExit("the prompt encodes to no tokens: give a non-empty --start (or FILE:path of a non-empty file)")
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :]
+
+
+def now():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+# Level counters (model.level_stats) add up every eval-mode forward, prefill and decode steps alike. generate(x, 0)
+# runs exactly the prefill that generate(x, n) begins with (same code, same cache), so its counts and its time are
+# the prompt's share, subtracted below. What is left are the generate's decode steps: max_new_tokens - 1 tokens per
+# sample, since the last sampled token is never fed back. Those are the "generated tokens" of the level fractions.
+# Without the cache every step reruns the whole sequence, so the decisions are counted once instead, in one
+# reference forward over the same tokens (the cached decode takes the same decisions: model.py's tests check it).
+n_levels = len(model.level_stats())
+offered, entered = [0] * n_levels, [0] * n_levels  # per level: generated tokens that reached it / that entered it
+prefill_time = decode_time = 0.0
+try:
+    with torch.no_grad(), ctx:
+        for _ in range(num_samples):
+            model.reset_level_stats()
+            t0 = now()
+            model.generate(x, 0, use_cache=use_cache)
+            t1, prompt_stats = now(), model.level_stats()
+            model.reset_level_stats()
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, use_cache=use_cache)
+            t2 = now()
+            prefill_time, decode_time = prefill_time + (t1 - t0), decode_time + (t2 - t1) - (t1 - t0)
+            if not use_cache:
+                model.reset_level_stats()
+                model.generate(y[:, :-1], 0, use_cache=False)
+            for i, ((_, n_in, n_kept), (_, p_in, p_kept)) in enumerate(zip(model.level_stats(), prompt_stats)):
+                offered[i] += n_in - p_in
+                entered[i] += n_kept - p_kept
+            # the model's vocab is padded to a multiple of 64: ids past the tokenizer's (never trained on) are dropped
+            print(tok.decode([t for t in y[0].tolist() if t < tok.vocab_size]))
+            print('---------------')
+except ValueError as e:  # from generate: prompt + max_new_tokens longer than block_size
+    raise SystemExit(str(e)) from None
+except Exception as e:
+    if not compile:
+        raise
+    raise SystemExit(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                     f"run with --compile=False") from None
+
+n_new = num_samples * max_new_tokens
+speed = f"{n_new / decode_time:.1f} tokens/s" if decode_time > 0 else "too fast to time"
+print(f"decode: {n_new} tokens in {decode_time:.3f} s, {speed} ({'with' if use_cache else 'without'} the KV cache; "
+      f"the prefill of the {len(start_ids)}-token prompt took {prefill_time:.3f} s in all, not counted)")
+n_fed = num_samples * (max_new_tokens - 1)  # generated tokens that went through the model (see above)
+if n_fed == 0:
+    print("no level fractions: with max_new_tokens=1 no generated token goes through the model")
+for i, (depth, _, _) in enumerate(model.level_stats() if n_fed else []):
+    name = f"level {i + 1}" + (f" (depth {depth})" if depth != i + 1 else "")  # depth differs for sibling levels
+    parent = f" ({100 * entered[i] / offered[i]:.1f}% of those that reached it)" if depth > 1 and offered[i] else ""
+    print(f"{name}: {100 * entered[i] / n_fed:.1f}% of generated tokens entered{parent}")
+if n_levels == 0:
+    print("no subsampled levels (LLaMA baseline structure): every token runs every block")

@@ -1,0 +1,126 @@
+"""
+Tests of sample.py on a tiny random-weight model saved as a checkpoint with the keys train.py writes (byte tokens).
+Most run sample.py in this process with runpy (torch is already imported: fast); the one-line errors on stderr of
+the command line run it as a subprocess.
+"""
+import os
+import random
+import re
+import runpy
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from model import SubLLM, SubLLMConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLE = os.path.join(HERE, 'sample.py')
+SEP = '---------------'
+
+
+def save_checkpoint(out_dir, structure='T(T(T)T)T', prefix=''):
+    """out_dir/ckpt.pt of a random tiny model, with the keys (and kinds of values) train.py saves."""
+    torch.manual_seed(0)
+    config = SubLLMConfig(vocab_size=256, block_size=64, n_embd=32, n_head=4, structure=structure)
+    model = SubLLM(config)
+    # a fresh AdamW's state_dict, written out: building one imports torch._dynamo (seconds)
+    optimizer = {'state': {}, 'param_groups': [{'lr': 1e-3, 'params': list(range(len(list(model.parameters()))))}]}
+    np_state = np.random.get_state()
+    rng = {'torch': torch.get_rng_state(), 'cuda': None, 'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
+           'python': random.getstate(), 'batches': torch.Generator().get_state()}
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save({'model': {prefix + k: v for k, v in model.state_dict().items()},
+                'optimizer': optimizer, 'scaler': torch.amp.GradScaler('cpu', enabled=False).state_dict(),
+                'model_args': asdict(config), 'iter_num': 100, 'best_val_loss': 5.5, 'config': {'out_dir': out_dir},
+                'meta': {'tokenizer': 'byte', 'vocab_size': 256, 'dtype': 'uint16'}, 'rng': [rng],
+                'train_seconds': 1.0}, os.path.join(out_dir, 'ckpt.pt'))
+    return '--out_dir=' + out_dir
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return save_checkpoint(str(tmp_path / 'out'))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def sample(monkeypatch, capsys, *args):
+    """Run sample.py in this process; returns its stdout."""
+    monkeypatch.setattr(sys, 'argv', ['sample.py', '--device=cpu', *args])
+    runpy.run_path(SAMPLE, run_name='__main__')
+    return capsys.readouterr().out
+
+
+def level_percents(out):
+    return [float(p) for p in re.findall(r"^level \d+: (\d+\.\d)% of generated tokens entered", out, re.M)]
+
+
+def test_prints_samples_speed_and_levels(ckpt, tmp_path, monkeypatch, capsys):
+    prompt = tmp_path / 'prompt.txt'
+    prompt.write_text('def main(')
+    out = sample(monkeypatch, capsys, ckpt, f'--start=FILE:{prompt}', '--num_samples=2', '--max_new_tokens=20')
+    assert out.count(SEP) == 2
+    samples = out.split(SEP)[:2]
+    assert all('def main(' in s for s in samples)
+    assert re.search(r"^decode: 40 tokens in \d+\.\d+ s, \d+\.\d tokens/s \(with the KV cache", out, re.M)
+    percents = level_percents(out)
+    assert len(percents) == 2 and percents[1] <= percents[0]  # nested: entering level 2 means entering level 1
+    assert re.search(r"^level 2: .* \(\d+\.\d% of those that reached it\)$", out, re.M)
+
+
+def test_greedy_same_with_and_without_cache(ckpt, monkeypatch, capsys):
+    args = [ckpt, '--start=hello', '--top_k=1', '--num_samples=2', '--max_new_tokens=40']
+    cached = sample(monkeypatch, capsys, *args, '--use_cache=True')
+    full = sample(monkeypatch, capsys, *args, '--use_cache=False')
+    assert cached.rsplit(SEP, 1)[0] == full.rsplit(SEP, 1)[0]  # the samples (and the header line)
+    assert 'without the KV cache' in full
+    # the level lines too: counted on the cached decode path, and in one reference forward without the cache
+    assert level_percents(cached) == level_percents(full)
+    assert 0 < level_percents(cached)[0] < 100  # both kept and skipped tokens occurred
+
+
+def test_baseline_and_compiled_prefix(tmp_path, monkeypatch, capsys):
+    out = sample(monkeypatch, capsys, save_checkpoint(str(tmp_path / 'b'), structure='TTT', prefix='_orig_mod.'),
+                 '--num_samples=1', '--max_new_tokens=3', '--temperature=1')
+    assert out.count(SEP) == 1 and 'tokens/s' in out and 'no subsampled levels' in out
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--start='], 'encodes to no tokens'),
+    (['--start=FILE:EMPTY'], 'encodes to no tokens'),
+    (['--start=FILE:/no/such/prompt.txt'], 'cannot read the prompt file'),
+    (['--max_new_tokens=100'], 'block_size=64'),
+    (['--max_new_tokens=0'], 'at least 1'),
+    (['--temperature=0'], '--temperature must be > 0'),
+    (['--num_samples=many'], '--num_samples expects int'),
+    (['--use_cache=yes'], '--use_cache expects True or False'),
+    (['--topk=5'], 'key one of out_dir, start, num_samples'),
+])
+def test_one_line_errors(ckpt, tmp_path, monkeypatch, capsys, args, words):
+    empty = tmp_path / 'empty.txt'
+    empty.write_text('')
+    args = [a.replace('EMPTY', str(empty)) for a in args]
+    with pytest.raises(SystemExit) as e:
+        sample(monkeypatch, capsys, ckpt, *args)
+    message = e.value.code
+    assert isinstance(message, str) and '\n' not in message and words in message  # Python prints it, exits 1
+
+
+@pytest.mark.parametrize('args, words', [([], 'train a model first'), (['--start='], 'encodes to no tokens')])
+def test_command_line_errors(ckpt, tmp_path, args, words):
+    """As a command: exit status 1, the one-line message on stderr, no traceback."""
+    out_dir = ckpt if args else '--out_dir=' + str(tmp_path / 'nothing')
+    r = subprocess.run([sys.executable, SAMPLE, out_dir, '--device=cpu', *args], capture_output=True, text=True,
+                       cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr
