@@ -127,9 +127,9 @@ class KVCache(nn.Module):
     def update(self, slots, k, v, length):
         """slots (B, K): where each new token goes; k, v (B, Hkv, K, D). Returns the first `length` slots."""
         index = slots[:, None, :, None].expand_as(k)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
-        return self.k[:, :, :length], self.v[:, :, :length]
+        self.k.scatter_(2, index, k.to(self.k.dtype))
+        self.v.scatter_(2, index, v.to(self.v.dtype))
+        return self.k[:, :, :length].to(k.dtype), self.v[:, :, :length].to(v.dtype)
 
 
 class Attention(nn.Module):
@@ -490,15 +490,18 @@ class SubLLM(nn.Module):
     # -- decoding ----------------------------------------------------------------
 
     def setup_cache(self, batch_size, max_len):
-        """Allocate a KV cache in every block (None frees them). Each level's blocks hold only its tokens."""
+        """Allocate a KV cache in every block (None frees them). Each level's blocks hold only its tokens.
+        Under autocast the cache takes the autocast dtype (bf16 keys and values: half the memory of fp32)."""
         param = self.lm_head.weight
+        device_type = param.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else param.dtype
         for stack in [m for m in self.modules() if isinstance(m, Stack)]:
             stack.cache_lens = None if batch_size is None else [0] * batch_size
             for layer in stack.layers:
                 if isinstance(layer, Block):
                     attn = layer.attn
                     attn.kv_cache = None if batch_size is None else KVCache(
-                        batch_size, max_len, attn.n_kv_head, attn.head_dim, param.dtype, param.device)
+                        batch_size, max_len, attn.n_kv_head, attn.head_dim, dtype, param.device)
 
     def reset_level_stats(self):
         for level in self.levels():

@@ -389,6 +389,20 @@ def test_greedy_generation_same_with_and_without_cache(structure):
     assert model.training  # generate restores the mode it found
 
 
+def test_cached_decoding_under_autocast():
+    """On a GPU, sampling runs under bf16 autocast: the cache then holds bf16 keys and values."""
+    model = build(tiny(structure="T(T)T"), weight_scale=1.5).eval()
+    idx = torch.randint(0, V, (1, 12))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        full = model(idx, idx)[0].float()
+        model.setup_cache(1, 12)
+        assert model.blocks()[0].attn.kv_cache.k.dtype == torch.bfloat16
+        model.setup_cache(None, None)
+        cached = cached_logits(model, idx, [6, 1, 1, 1, 1, 1, 1]).float()
+        assert model.generate(idx[:, :4], 8, top_k=1).shape == (1, 12)
+    assert (cached - full).abs().max() < 0.1  # equal up to bf16 rounding
+
+
 def test_decode_entry_fraction_matches_positive_scores():
     """The number of tokens that enter each level while decoding equals the number of positive scores that the
     full eval forward over the same sequence gives, level by level."""
