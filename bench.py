@@ -1,0 +1,385 @@
+"""
+How much faster and lighter is SUBLLM than LLaMA on this machine? Measures both models of the same dims and blocks
+(the LLaMA twin is the same structure without levels) in one process, alternately, at each context length:
+- train:   forward + backward + AdamW step on the same batch (tokens/s, ms/iter, MFU, peak memory)
+- prefill: eval forward of a whole prompt (tokens/s, peak memory)
+- decode:  a prompt of half the length prefilled into the KV cache (untimed), then decode_tokens steps of one token
+           per row, at batch 1 and at decode_batch (tokens/s)
+Beside each measured SUBLLM/LLaMA speedup it prints the theoretical one, the FLOP ratio of SUBLLM.md §9 at the keep
+fractions the model really used (train: the config's, exact with top-k; prefill and decode: the measured fraction of
+tokens whose score was > 0), and for decode the ratio of blocks run per token, so the gap shows the overhead of
+scoring, sorting, gathering and scattering.
+
+    python bench.py                              # GPU: the 0.25B paper config at 2k,4k,8k; CPU: a tiny one, < 1 min
+    python bench.py --preset=1300m --json=bench_1300m.json
+    python bench.py --init_from=out-subllm-250m  # dims and trained scorers of a train.py checkpoint
+
+Inputs are random tokens. Memory is torch.cuda.max_memory_allocated on GPU and the peak RSS of the process (above
+its level before the measurement) on CPU. Every global in the first section is a --key=value flag.
+"""
+import ctypes
+import gc
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from json import dump
+
+import torch
+from tqdm import tqdm
+
+from model import SubLLM, SubLLMConfig, KVCache, Level, gpu_peak_flops, llama_twin
+
+PAPER = 'TTTTT(TTTTT(TTTT)TTTTT)TTTTT'  # 24 blocks, two nested levels (SUBLLM.md §2)
+PRESETS = {  # the paper's two sizes and a tiny one for a CPU
+    'tiny': dict(n_embd=128, n_head=4, ffn_hidden=512, vocab_size=512, structure='TT(TT(TT)TT)TT',
+                 seq_lens='256,512', tokens_per_batch=1024),
+    '250m': dict(n_embd=768, n_head=12, ffn_hidden=2048, vocab_size=50304, structure=PAPER,
+                 seq_lens='2048,4096,8192', tokens_per_batch=16384),
+    '1300m': dict(n_embd=2048, n_head=16, ffn_hidden=5504, vocab_size=32000, structure=PAPER,
+                  seq_lens='2048,4096,8192', tokens_per_batch=8192),
+}
+# -----------------------------------------------------------------------------
+# settings: device and preset decide the other defaults, so they are read first
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device = next((a[9:] for a in sys.argv[1:] if a.startswith('--device=')), device)
+gpu = device.startswith('cuda')
+preset = next((a[9:] for a in sys.argv[1:] if a.startswith('--preset=')), '250m' if gpu else 'tiny')
+if preset not in PRESETS:
+    sys.exit(f"bench.py: unknown --preset={preset}; choose one of {', '.join(PRESETS)}")
+n_embd = n_head = ffn_hidden = vocab_size = tokens_per_batch = 0
+structure = seq_lens = ''
+globals().update(PRESETS[preset])  # n_embd, n_head, ffn_hidden, vocab_size, structure, seq_lens, tokens_per_batch
+n_kv_head = 0                      # 0: same as n_head (no grouped-query attention)
+keep_ratio = '0.64'                # one float, or one per level depth, comma separated
+batch_size = 0                     # train and prefill: 0 means tokens_per_batch // seq_len (at least 1)
+decode_batch = 8 if gpu else 4     # decode is measured at batch 1 and at this batch
+decode_tokens = 64 if gpu else 32  # timed decode steps after the prompt (half the length) is prefilled
+modes = 'train,prefill,decode'
+warmup = 3 if gpu else 1           # untimed iterations first (compilation, allocator, lazy optimizer state)
+iters = 10 if gpu else 3           # timed iterations
+dtype = 'bfloat16' if gpu else 'float32'  # 'float32' (no autocast), or autocast to 'bfloat16' / 'float16'
+compile = gpu                      # torch.compile the train and prefill forwards (decode runs eagerly)
+threads = 1                        # CPU: torch threads, 0 = torch's default (one per core). A tiny model gains
+                                   # little from more, and they slow each other down badly on a busy machine
+init_from = ''                     # a train.py out_dir: its ckpt.pt gives the dims and the (trained) scorers
+json = ''                          # write one record per measurement to this path
+seed = 1337
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))
+               and k not in ('gpu', 'PAPER')]
+for arg in sys.argv[1:]:
+    key, eq, val = arg[2:].partition('=')
+    if not arg.startswith('--') or not eq or key not in config_keys:
+        sys.exit(f"bench.py: bad argument {arg!r}; use --key=value with key one of: {', '.join(config_keys)}")
+    default = globals()[key]
+    try:
+        globals()[key] = val.lower() in ('1', 'true', 'yes') if isinstance(default, bool) else type(default)(val)
+    except ValueError:
+        sys.exit(f"bench.py: --{key} expects {type(default).__name__}, got {val!r}")
+# -----------------------------------------------------------------------------
+
+torch.manual_seed(seed)
+if not gpu and threads:
+    torch.set_num_threads(threads)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+device_type = 'cuda' if gpu else 'cpu'
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    sys.exit(f"bench.py: --dtype must be float32, bfloat16 or float16, got {dtype!r}")
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+# fp16 would need a GradScaler to train for real; the speed of a step is the same without one
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+lengths = [int(t) for t in seq_lens.split(',')]
+unknown = [m for m in modes.split(',') if m not in ('train', 'prefill', 'decode')]
+if unknown:
+    sys.exit(f"bench.py: unknown mode {unknown[0]!r} in --modes; choose from train, prefill, decode")
+block_size = max(max(lengths), max(lengths) // 2 + decode_tokens)  # RoPE table: the longest input
+if init_from:
+    ckpt = torch.load(os.path.join(init_from, 'ckpt.pt'), map_location='cpu')
+    config = replace(SubLLMConfig(**ckpt['model_args']), block_size=block_size)
+    subllm = SubLLM(config)
+    subllm.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
+    del ckpt
+else:
+    ratios = tuple(float(r) for r in keep_ratio.split(','))
+    config = SubLLMConfig(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd, n_head=n_head,
+                          n_kv_head=n_kv_head or None, ffn_hidden=ffn_hidden, structure=structure,
+                          keep_ratio=ratios[0] if len(ratios) == 1 else ratios)
+    subllm = SubLLM(config)
+models = {'llama': SubLLM(llama_twin(config)).to(device), 'subllm': subllm.to(device)}
+
+
+@torch.no_grad()
+def calibrate_scorers(model, idx):
+    """Make eval-mode `score > 0` keep keep_ratio of the tokens at every level, as a trained model does.
+    A random-init scorer gives scores symmetric around 0, so it keeps about half of the tokens, not keep_ratio, and
+    prefill/decode would measure a different model from the one trained. So each level's scores get a constant
+    shift, added by a forward hook on its scorer in eval mode: minus the (1 - keep_ratio) quantile of its scores on
+    the calibration tokens idx (R, T), fed one row at a time so that no padding enters a level. Outer levels are
+    done first, since they decide which tokens an inner level sees. Training (top-k) keeps keep_ratio anyway and is
+    left unshifted."""
+    model.eval()
+    for level in model.levels():  # pre-order: a level comes before the levels inside it
+        shift = torch.zeros((), device=idx.device)
+        level.scorer.register_forward_hook(lambda m, args, out, shift=shift: out if m.training else out + shift)
+        seen = []
+        record = level.scorer.register_forward_hook(lambda m, args, out: seen.append(out.float().flatten()))
+        for row in idx:
+            model(row[None])
+        record.remove()
+        shift.fill_(-torch.quantile(torch.cat(seen), 1 - level.keep_ratio))
+
+
+if not init_from:  # a checkpoint's scorers are trained: measure the fractions they keep
+    L = min(lengths)  # random-init scores depend on the token far more than on the length
+    calibrate_scorers(models['subllm'], torch.randint(config.vocab_size, (max(1, tokens_per_batch // L), L),
+                                                      device=device))
+if compile:  # static shapes, one graph per length and mode; SUBLLM's eval (data-dependent lengths) needs a few more
+    torch._dynamo.config.cache_size_limit = 64
+forwards = {name: torch.compile(m, dynamic=False) if compile else m for name, m in models.items()}
+peak_flops = gpu_peak_flops() if gpu else None
+
+# -----------------------------------------------------------------------------
+# memory: CUDA peak allocated, or the peak RSS of the process (Linux VmHWM, reset through /proc/self/clear_refs)
+
+
+def rss_bytes(field):
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ':'))
+
+
+def mem_start():
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # give freed heap back to the OS, so the peak is this run's (glibc)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # reset VmHWM (the peak RSS) to the current RSS
+        return rss_bytes('VmRSS')
+    except (AttributeError, OSError, TypeError):  # not Linux: no per-run peak, the table shows '-'
+        return None
+
+
+def mem_peak(start, model):
+    """Bytes a run needed at its peak. GPU: peak allocated above the level before the run, plus the model's own
+    weights (so the other model, resident in the same process, is not counted). CPU: peak RSS above the start."""
+    if gpu:
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        return torch.cuda.max_memory_allocated() - start + weights
+    return None if start is None else rss_bytes('VmHWM') - start
+
+
+def sync():
+    if gpu:
+        torch.cuda.synchronize()
+
+# -----------------------------------------------------------------------------
+# one measurement -> (seconds per iteration, tokens per iteration, FLOPs per iteration, keep fractions, blocks/token)
+
+
+def keep_fractions(stats):
+    """Eval keep fraction per level depth (kept / offered: a fraction of the parent's tokens) from level_stats rows."""
+    sums = {}
+    for depth, n_in, n_kept in stats:
+        total_in, total_kept = sums.get(depth, (0, 0))
+        sums[depth] = (total_in + n_in, total_kept + n_kept)
+    return [n_kept / max(1, n_in) for _, (n_in, n_kept) in sorted(sums.items())]
+
+
+def own_blocks(stack):
+    return sum(not isinstance(layer, Level) for layer in stack.layers)
+
+
+def run_train(name, tokens, B, T):
+    model, forward = models[name], forwards[name]
+    x, y = tokens[:, :T], tokens[:, 1:T + 1]
+    model.train()
+    opt = model.configure_optimizers(0.0, 0.0, (0.9, 0.95), device_type)  # lr 0: a full step, weights unchanged
+
+    def step():
+        with ctx:
+            _, loss = forward(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / iters
+    keep = [config.keep_ratio_at(depth) for depth in sorted({level.depth for level in model.levels()})]
+    return dt, B * T, 3 * B * model.forward_flops(T), keep, len(model.blocks())  # backward = 2x forward
+
+
+@torch.no_grad()
+def run_prefill(name, tokens, B, T):
+    model, forward = models[name], forwards[name]
+    x = tokens[:, :T]
+    model.eval()
+
+    def prefill():
+        # the keep counters restart at 0 every call: compiled code treats a module's int attributes as constants,
+        # so counters that grow would recompile the levels at every call (the same input keeps the same tokens)
+        model.reset_level_stats()
+        with ctx:
+            forward(x)
+    for _ in range(warmup):
+        prefill()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        prefill()
+    sync()
+    dt, keep = (time.perf_counter() - t0) / iters, keep_fractions(model.level_stats())
+    flops = model.forward_flops(T, keep) - 2 * (T - 1) * config.n_embd * config.vocab_size  # logits: last position
+    return dt, B * T, B * flops, keep, len(model.blocks())
+
+
+@torch.no_grad()
+def run_decode(name, tokens, B, T):
+    """Prefill half the length (untimed), then decode_tokens steps of one token per row with the cache. Each step
+    feeds the next input token rather than the argmax: a random model's greedy output tends to repeat one token,
+    which its levels would then all keep or all skip; random tokens keep what the calibration set (same cost)."""
+    model, prompt, P = models[name], tokens[:, :T // 2], T // 2
+    model.eval()
+    elapsed, stats = 0.0, []
+    for i in range(warmup + iters):
+        with ctx:
+            model.setup_cache(B, P + decode_tokens)
+            for cache in model.modules():  # model.py allocates the caches in the weights' dtype, not autocast's
+                if isinstance(cache, KVCache):
+                    cache.k, cache.v = cache.k.to(ptdtype), cache.v.to(ptdtype)
+            model(prompt)
+            model.reset_level_stats()  # count the decoded tokens only
+            sync()
+            t0 = time.perf_counter()
+            for j in range(decode_tokens):
+                model(tokens[:, P + j:P + j + 1])  # (B, 1): the next token of every row
+            sync()
+            model.setup_cache(None, None)
+        if i >= warmup:
+            elapsed += time.perf_counter() - t0
+            stats += model.level_stats()
+    n_tokens = B * decode_tokens * iters
+    # blocks a decoded token runs on average: the outer ones, plus each level's own blocks times the tokens it took
+    levels = model.levels() * iters  # aligned with stats: one row per level and timed run
+    inner = sum(own_blocks(level.inner) * n_kept for level, (_, _, n_kept) in zip(levels, stats))
+    blocks = own_blocks(model.stack) + inner / n_tokens
+    # FLOPs per decoded token: the cost model's marginal cost of tokens P+1..P+N (weights + attention over the cache)
+    keep = keep_fractions(stats)
+    flops = (model.forward_flops(P + decode_tokens, keep) - model.forward_flops(P, keep)) / decode_tokens
+    return elapsed / (iters * decode_tokens), B, B * flops, keep, blocks
+
+
+RUNS = {'train': run_train, 'prefill': run_prefill, 'decode': run_decode}
+
+# -----------------------------------------------------------------------------
+# the sweep: at each length and mode, LLaMA then SUBLLM on the same inputs
+
+
+def is_oom(e):  # CUDA's allocator, also when torch.compile wraps its error, or the CPU's
+    return isinstance(e, torch.cuda.OutOfMemoryError) or any(s in str(e) for s in ('out of memory', "can't allocate"))
+
+
+def measure(mode, name, tokens, B, T):
+    record = dict(mode=mode, model=name, seq_len=T, batch_size=B, tokens_per_s=None, ms_per_iter=None,
+                  peak_mem_bytes=None, mem_kind='cuda_max_allocated' if gpu else 'cpu_peak_rss_delta', mfu=None,
+                  flops=None, keep_fractions=None, blocks_per_token=None, oom=False)
+    try:
+        start = mem_start()
+        dt, n_tokens, flops, keep, blocks = RUNS[mode](name, tokens, B, T)
+        record.update(tokens_per_s=n_tokens / dt, ms_per_iter=1000 * dt, peak_mem_bytes=mem_peak(start, models[name]),
+                      mfu=peak_flops and flops / dt / peak_flops, flops=flops, keep_fractions=keep,
+                      blocks_per_token=blocks)
+    except RuntimeError as e:
+        if is_oom(e):
+            record['oom'] = True
+        elif compile and isinstance(e, torch._dynamo.exc.TorchDynamoException):
+            sys.exit(f"bench.py: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
+                     f"rerun with --compile=False")
+        else:
+            raise
+    if record['oom']:  # outside the except block, so the traceback no longer holds the activations
+        models[name].zero_grad(set_to_none=True)
+        models[name].setup_cache(None, None)
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+    return record
+
+
+jobs = []
+for T in lengths:
+    for mode in modes.split(','):
+        for B in ([1, decode_batch] if mode == 'decode' else [batch_size or max(1, tokens_per_batch // T)]):
+            jobs.append((mode, T, B))
+n_params = {name: m.get_num_params() for name, m in models.items()}
+print(f"device {device} ({torch.cuda.get_device_name() if gpu else 'CPU'}), dtype {dtype}, compile {compile}, "
+      f"torch {torch.__version__}")
+print(f"SUBLLM {config.structure} keep {config.keep_ratio}, n_embd {config.n_embd}, n_head {config.n_head}, "
+      f"ffn {config.ffn_hidden}, vocab {config.vocab_size}: {n_params['subllm'] / 1e6:.1f}M params "
+      f"(LLaMA twin {n_params['llama'] / 1e6:.1f}M), "
+      f"{'scorers from ' + init_from if init_from else 'random weights, scorers shifted to keep ' + keep_ratio}")
+records = []
+pbar = tqdm(total=2 * len(jobs), desc='bench', unit='run')
+for mode, T, B in jobs:
+    n = max(T, T // 2 + decode_tokens) + 1  # inputs and targets; decode reads T // 2 + decode_tokens
+    tokens = torch.randint(config.vocab_size, (B, n), generator=torch.Generator().manual_seed(T)).to(device)
+    pair = {}
+    for name in ('llama', 'subllm'):
+        pbar.set_postfix_str(f"{mode} T={T} B={B} {name}")
+        pair[name] = measure(mode, name, tokens, B, T)
+        pbar.update()
+    base = pair['llama']
+    for r in pair.values():  # relative to LLaMA: speedup, FLOP ratio (LLaMA / this), memory ratio (this / LLaMA)
+        ok = not (r['oom'] or base['oom'])
+        r.update(ratio=r['tokens_per_s'] / base['tokens_per_s'] if ok else None,
+                 flop_ratio=base['flops'] / r['flops'] if ok else None,
+                 mem_ratio=r['peak_mem_bytes'] / base['peak_mem_bytes'] if ok and base['peak_mem_bytes'] else None,
+                 blocks_ratio=base['blocks_per_token'] / r['blocks_per_token'] if ok and mode == 'decode' else None)
+    records += pair.values()
+pbar.close()
+
+# -----------------------------------------------------------------------------
+# report
+
+unit, scale = ('GiB', 2 ** 30) if gpu else ('MiB', 2 ** 20)
+mem_label = f"{unit} ({'CUDA max allocated' if gpu else 'peak RSS delta'})"
+
+
+def fmt(value, spec, missing='-'):
+    return missing if value is None else format(value, spec)
+
+
+print(f"\n| mode | seq_len | batch | LLaMA tok/s | SUBLLM tok/s | speedup | FLOP ratio | blocks/token (ratio) | "
+      f"ms/iter LLaMA / SUBLLM | mem {mem_label} LLaMA / SUBLLM | MFU LLaMA / SUBLLM | SUBLLM keep |")
+print('|' + '---|' * 12)
+for llama, sub in zip(records[::2], records[1::2]):
+    oom = [r['oom'] and 'OOM' or '-' for r in (llama, sub)]
+    tps = [fmt(r['tokens_per_s'], ',.0f', o) for r, o in zip((llama, sub), oom)]
+    mem = [fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / scale, '.2f', o) for r, o in zip((llama, sub), oom)]
+    keep = ', '.join(f"{k:.2f}" for k in sub['keep_fractions']) if sub['keep_fractions'] else '-'
+    blocks = f"{sub['blocks_per_token']:.1f} of {llama['blocks_per_token']:.0f} ({sub['blocks_ratio']:.2f}x)" \
+        if sub['blocks_ratio'] else '-'
+    print(f"| {sub['mode']} | {sub['seq_len']} | {sub['batch_size']} | {tps[0]} | {tps[1]} | "
+          f"{fmt(sub['ratio'], '.2f')}x | {fmt(sub['flop_ratio'], '.2f')}x | {blocks} | "
+          f"{fmt(llama['ms_per_iter'], '.1f')} / {fmt(sub['ms_per_iter'], '.1f')} | {mem[0]} / {mem[1]} | "
+          f"{fmt(llama['mfu'], '.1%')} / {fmt(sub['mfu'], '.1%')} | {keep} |")
+print("\nspeedup = SUBLLM tokens/s over LLaMA's. FLOP ratio = LLaMA FLOPs over SUBLLM's (SUBLLM.md §9) at the keep "
+      "fractions used: train = the config's (top-k), prefill and decode = the measured eval keep (score > 0) per "
+      "level depth, a fraction of the parent's tokens (SUBLLM keep). Decode counts the weights, the logits and the "
+      "attention over the cache per token; its ms/iter is one step of one token per row, and blocks/token is the "
+      "average number of blocks a decoded token runs (ratio: LLaMA's over SUBLLM's). MFU: model FLOPs (causal "
+      "attention counted as half of full attention) over the GPU's dense bf16 peak.")
+if json:
+    with open(json, 'w') as f:
+        dump(dict(device=device, dtype=dtype, compile=compile, torch=torch.__version__, preset=preset,
+                  config=vars(config), n_params=n_params, records=records), f, indent=1)
+    print(f"wrote {len(records)} records to {json}")

@@ -1,0 +1,97 @@
+"""
+Smoke tests of bench.py on a tiny model on the CPU: it runs bench.py in this process with runpy (torch is already
+imported: fast) and checks the records it writes with --json. No timing assertions: only that every measurement is
+there and well-formed, that the scorer calibration keeps the configured fraction, and that an out-of-memory error
+at one length becomes a row of the table instead of a crash.
+"""
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.join(HERE, 'bench.py')
+TINY = ['--device=cpu', '--n_embd=32', '--n_head=2', '--ffn_hidden=64', '--vocab_size=256', '--structure=TT(T(T)T)T',
+        '--keep_ratio=0.64', '--tokens_per_batch=512', '--decode_batch=2', '--decode_tokens=4', '--warmup=0',
+        '--iters=1']
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run as fast on one thread, and a busy machine does not slow them down as much."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def bench(monkeypatch, tmp_path, *args):
+    """Run bench.py in this process; returns its JSON output and what it printed."""
+    path = tmp_path / 'bench.json'
+    monkeypatch.setattr(sys, 'argv', ['bench.py', *TINY, f'--json={path}', *args])
+    runpy.run_path(BENCH, run_name='__main__')
+    return json.loads(path.read_text())
+
+
+def test_every_mode_model_and_length_gives_a_well_formed_record(monkeypatch, tmp_path, capsys):
+    out = bench(monkeypatch, tmp_path, '--seq_lens=32,64')
+    records = out['records']
+    expected = {(mode, model, T, B) for T in (32, 64) for model in ('llama', 'subllm')
+                for mode, B in [('train', 512 // T), ('prefill', 512 // T), ('decode', 1), ('decode', 2)]}
+    assert sorted((r['mode'], r['model'], r['seq_len'], r['batch_size']) for r in records) == sorted(expected)
+    for r in records:
+        assert not r['oom']
+        for key in ('tokens_per_s', 'ms_per_iter', 'flops', 'ratio', 'flop_ratio'):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert isinstance(r['peak_mem_bytes'], int) and r['peak_mem_bytes'] >= 0  # CPU: peak RSS delta
+        assert r['mfu'] is None  # no peak FLOP/s for a CPU
+        if r['model'] == 'llama':
+            assert r['ratio'] == r['flop_ratio'] == 1.0 and r['keep_fractions'] == []
+        else:
+            assert len(r['keep_fractions']) == 2 and all(0 <= k <= 1 for k in r['keep_fractions'])
+            assert r['flop_ratio'] > 1.0  # SUBLLM does less work per token at any keep < 1
+        if r['mode'] == 'decode':
+            assert math.isfinite(r['blocks_ratio']) and r['blocks_ratio'] > 0
+            assert r['blocks_per_token'] == 6 if r['model'] == 'llama' else 3 <= r['blocks_per_token'] <= 6
+        if r['mode'] == 'train' and r['model'] == 'subllm':
+            assert r['keep_fractions'] == [0.64, 0.64]  # top-k keeps exactly the configured fraction
+    table = capsys.readouterr().out.split('\n| mode |')[1]
+    assert len([line for line in table.splitlines() if line.startswith('| ')]) == 8  # one row per mode, T, batch
+
+
+def test_calibrated_random_scorers_keep_the_keep_ratio_in_eval(monkeypatch, tmp_path):
+    """A random-init scorer keeps ~half the tokens with `score > 0`; bench.py shifts the scores to keep keep_ratio."""
+    out = bench(monkeypatch, tmp_path, '--seq_lens=64', '--modes=prefill', '--keep_ratio=0.5,0.8',
+                '--tokens_per_batch=2048')
+    (sub,) = [r for r in out['records'] if r['model'] == 'subllm']
+    assert sub['keep_fractions'] == pytest.approx([0.5, 0.8], abs=0.08)
+
+
+def test_out_of_memory_at_one_length_is_a_row_not_a_crash(monkeypatch, tmp_path, capsys):
+    sdpa = F.scaled_dot_product_attention
+
+    def sdpa_that_runs_out_of_memory_at_64(q, k, v, **kwargs):
+        if q.size(2) >= 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return sdpa(q, k, v, **kwargs)
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', sdpa_that_runs_out_of_memory_at_64)
+    out = bench(monkeypatch, tmp_path, '--seq_lens=32,64', '--modes=train,prefill')
+    for r in out['records']:
+        assert r['oom'] == (r['seq_len'] == 64)
+        assert (r['tokens_per_s'] is None) == r['oom'] and (r['ratio'] is None) == r['oom']
+    rows = capsys.readouterr().out.split('\n| mode |')[1].splitlines()
+    assert sum('| 64 |' in line and '| OOM | OOM |' in line for line in rows) == 2  # train and prefill at 64
+
+
+def test_bad_flag_is_a_one_line_error():
+    result = subprocess.run([sys.executable, BENCH, '--n_embed=32'], capture_output=True, text=True, cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE), timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "bad argument '--n_embed=32'" in result.stderr and 'n_embd' in result.stderr
