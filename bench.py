@@ -29,7 +29,7 @@ from json import dump
 import torch
 from tqdm import tqdm
 
-from model import SubLLM, SubLLMConfig, KVCache, Level, gpu_peak_flops, llama_twin
+from model import SubLLM, SubLLMConfig, Level, gpu_peak_flops, llama_twin
 
 PAPER = 'TTTTT(TTTTT(TTTT)TTTTT)TTTTT'  # 24 blocks, two nested levels (SUBLLM.md §2)
 PRESETS = {  # the paper's two sizes and a tiny one for a CPU
@@ -252,10 +252,7 @@ def run_decode(name, tokens, B, T):
     elapsed, stats = 0.0, []
     for i in range(warmup + iters):
         with ctx:
-            model.setup_cache(B, P + decode_tokens)
-            for cache in model.modules():  # model.py allocates the caches in the weights' dtype, not autocast's
-                if isinstance(cache, KVCache):
-                    cache.k, cache.v = cache.k.to(ptdtype), cache.v.to(ptdtype)
+            model.setup_cache(B, P + decode_tokens)  # under autocast: keys and values in its dtype
             model(prompt)
             model.reset_level_stats()  # count the decoded tokens only
             sync()
