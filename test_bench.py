@@ -22,15 +22,6 @@ TINY = ['--device=cpu', '--n_embd=32', '--n_head=2', '--ffn_hidden=64', '--vocab
         '--iters=1']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and a busy machine does not slow them down as much."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def bench(monkeypatch, tmp_path, *args):
     """Run bench.py in this process; returns its JSON output and what it printed."""
     path = tmp_path / 'bench.json'

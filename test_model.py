@@ -239,6 +239,19 @@ def test_keep_one_all_positive_is_inner_blocks_plus_bypass(training):
     assert torch.allclose(out, x + (inner - x) * c, atol=1e-5)
 
 
+def test_running_offset_tracks_the_top_k_cut():
+    model = build(tiny(keep_ratio=0.6))
+    level = model.levels()[0]
+    scores = torch.randn(1, 10)
+    level.track_cut(scores, momentum=1.0)  # one full step: the offset lands between the 6th and 7th largest score
+    assert ((scores - level.score_offset) > 0).sum().item() == 6
+    assert 'stack.layers.1.score_offset' in model.state_dict()  # saved with the weights: inference needs it
+    model.eval()
+    before = level.score_offset.clone()
+    model(torch.randint(0, V, (2, 10)))
+    assert torch.equal(level.score_offset, before)  # only training moves it
+
+
 def test_every_parameter_gets_a_finite_gradient():
     model = build(tiny(n_kv_head=2))
     idx = torch.randint(0, V, (4, 32))
@@ -262,9 +275,9 @@ def test_set_step_schedules():
     assert level.bypass.c_min.item() == pytest.approx(0.2) and level.balancer_prob.item() == pytest.approx(0.25)
 
 
-def test_balancer_holds_positive_fraction_at_keep_ratio():
+def test_positive_score_fraction_follows_keep_ratio():
     """Train a toy SUBLLM on a learnable sequence task; at the end the fraction of positive scores in eval mode
-    (which is what decides inference) is within 0.05 of each level's keep ratio."""
+    (which is what decides inference) is within 0.05 of each level's keep ratio (Balancer + running offset)."""
     torch.manual_seed(0)
     model = SubLLM(tiny(keep_ratio=(0.75, 0.4)))
     successor = torch.randperm(V)

@@ -46,14 +46,6 @@ def ckpt(tmp_path):
     return save_checkpoint(str(tmp_path / 'out'))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sample(monkeypatch, capsys, *args):
     """Run sample.py in this process; returns its stdout."""
     monkeypatch.setattr(sys, 'argv', ['sample.py', '--device=cpu', *args])

@@ -42,15 +42,6 @@ def data(tmp_path):
     return make_data(tmp_path / 'data', rng.integers(0, 64, 4000), rng.integers(0, 64, 600))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and a busy machine does not slow them down as much."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def train(monkeypatch, *args):
     """Run train.py in this process with these command-line arguments."""
     monkeypatch.setattr(sys, 'argv', ['train.py', *args])
@@ -162,6 +153,8 @@ def test_ddp_two_processes_gloo_completes_and_writes_one_checkpoint(tmp_path, da
     assert not torch.equal(ckpt['rng'][0]['batches'], ckpt['rng'][1]['batches'])  # ranks read different crops
     rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
     for k in ckpt['model']:  # 4 steps on different crops per rank, yet the same weights: the gradients were synced
+        if k.endswith('score_offset'):  # a running statistic (like BatchNorm's): DDP broadcasts rank 0's at every
+            continue                    # forward, and each rank's last update stays local
         assert torch.equal(rank0[k], rank1[k]) and torch.equal(rank0[k], ckpt['model'][k]), k
 
 
