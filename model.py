@@ -364,9 +364,10 @@ class Level(nn.Module):
     @torch.no_grad()
     def track_cut(self, scores, momentum=0.05):
         """Move score_offset towards the score that separates the top k = ceil(keep * T) of each row from the rest
-        (like BatchNorm's running mean). The Balancer alone, a push on the gradient, lets the eval-time kept
-        fraction swing between 0.46 and 0.96 in a 1000-step run (Adam's momentum makes it overshoot); with the
-        offset the positive-score fraction follows the keep ratio within a few steps. Top-k is unchanged by it."""
+        (like BatchNorm's running mean). The Balancer alone, a push on the gradient, let the eval-time kept
+        fraction swing between 0.46 and 0.96 in config/parity_subllm.py (Adam's momentum makes it overshoot); with
+        the offset it stays within 0.07 of the keep ratio from iter 300 on and ends at 0.636 / 0.619 for keep 0.64.
+        Top-k is unchanged by it. With momentum 0.05 the offset follows a drifting scorer ~20 steps late."""
         T = scores.size(1)
         k = math.ceil(self.keep_ratio * T)
         if k < T:
