@@ -112,23 +112,20 @@ models = {'llama': SubLLM(llama_twin(config)).to(device), 'subllm': subllm.to(de
 
 @torch.no_grad()
 def calibrate_scorers(model, idx):
-    """Make eval-mode `score > 0` keep keep_ratio of the tokens at every level, as a trained model does.
-    A random-init scorer gives scores symmetric around 0, so it keeps about half of the tokens, not keep_ratio, and
-    prefill/decode would measure a different model from the one trained. So each level's scores get a constant
-    shift, added by a forward hook on its scorer in eval mode: minus the (1 - keep_ratio) quantile of its scores on
-    the calibration tokens idx (R, T), fed one row at a time so that no padding enters a level. Outer levels are
-    done first, since they decide which tokens an inner level sees. Training (top-k) keeps keep_ratio anyway and is
-    left unshifted."""
+    """Make eval-mode `score > 0` keep keep_ratio of the tokens at every level, as a trained model does (there,
+    Level.track_cut has moved each level's score_offset to its top-k cut). A random-init model's offsets are 0 and
+    its scores symmetric around 0, so it would keep about half of the tokens and prefill/decode would measure a
+    different model from the one trained. So each level's score_offset is set to the (1 - keep_ratio) quantile of
+    its raw scores on the calibration tokens idx (R, T), fed one row at a time so that no padding enters a level.
+    Outer levels are done first, since they decide which tokens an inner level sees."""
     model.eval()
     for level in model.levels():  # pre-order: a level comes before the levels inside it
-        shift = torch.zeros((), device=idx.device)
-        level.scorer.register_forward_hook(lambda m, args, out, shift=shift: out if m.training else out + shift)
         seen = []
         record = level.scorer.register_forward_hook(lambda m, args, out: seen.append(out.float().flatten()))
         for row in idx:
             model(row[None])
         record.remove()
-        shift.fill_(-torch.quantile(torch.cat(seen), 1 - level.keep_ratio))
+        level.score_offset.fill_(torch.quantile(torch.cat(seen), 1 - level.keep_ratio))
 
 
 if not init_from:  # a checkpoint's scorers are trained: measure the fractions they keep
@@ -323,7 +320,7 @@ print(f"device {device} ({torch.cuda.get_device_name() if gpu else 'CPU'}), dtyp
 print(f"SUBLLM {config.structure} keep {config.keep_ratio}, n_embd {config.n_embd}, n_head {config.n_head}, "
       f"ffn {config.ffn_hidden}, vocab {config.vocab_size}: {n_params['subllm'] / 1e6:.1f}M params "
       f"(LLaMA twin {n_params['llama'] / 1e6:.1f}M), "
-      f"{'scorers from ' + init_from if init_from else 'random weights, scorers shifted to keep ' + keep_ratio}")
+      f"{'scorers from ' + init_from if init_from else 'random weights, score offsets set to keep ' + keep_ratio}")
 records = []
 pbar = tqdm(total=2 * len(jobs), desc='bench', unit='run')
 for mode, T, B in jobs:
