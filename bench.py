@@ -191,6 +191,18 @@ def own_blocks(stack):
     return sum(not isinstance(layer, Level) for layer in stack.layers)
 
 
+def seconds_per_call(fn):
+    """warmup untimed calls of fn, then the mean time of iters calls (the device synchronised at both ends)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
 def run_train(name, tokens, B, T):
     model, forward = models[name], forwards[name]
     x, y = tokens[:, :T], tokens[:, 1:T + 1]
@@ -203,14 +215,7 @@ def run_train(name, tokens, B, T):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    for _ in range(warmup):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    sync()
-    dt = (time.perf_counter() - t0) / iters
+    dt = seconds_per_call(step)
     keep = [config.keep_ratio_at(depth) for depth in sorted({level.depth for level in model.levels()})]
     return dt, B * T, 3 * B * model.forward_flops(T), keep, len(model.blocks())  # backward = 2x forward
 
@@ -222,19 +227,10 @@ def run_prefill(name, tokens, B, T):
     model.eval()
 
     def prefill():
-        # the keep counters restart at 0 every call: compiled code treats a module's int attributes as constants,
-        # so counters that grow would recompile the levels at every call (the same input keeps the same tokens)
-        model.reset_level_stats()
+        model.reset_level_stats()  # the same input keeps the same tokens: the last call's counts are every call's
         with ctx:
             forward(x)
-    for _ in range(warmup):
-        prefill()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        prefill()
-    sync()
-    dt, keep = (time.perf_counter() - t0) / iters, keep_fractions(model.level_stats())
+    dt, keep = seconds_per_call(prefill), keep_fractions(model.level_stats())
     flops = model.forward_flops(T, keep) - 2 * (T - 1) * config.n_embd * config.vocab_size  # logits: last position
     return dt, B * T, B * flops, keep, len(model.blocks())
 
