@@ -19,6 +19,7 @@ its level before the measurement) on CPU. Every global in the first section is a
 """
 import ctypes
 import gc
+import math
 import os
 import sys
 import time
@@ -53,6 +54,8 @@ structure = seq_lens = ''
 globals().update(PRESETS[preset])  # n_embd, n_head, ffn_hidden, vocab_size, structure, seq_lens, tokens_per_batch
 n_kv_head = 0                      # 0: same as n_head (no grouped-query attention)
 keep_ratio = '0.64'                # one float, or one per level depth, comma separated
+selection = 'topk'                 # training-time selection: 'topk' or 'threshold' (fixed capacity, see model.py)
+capacity_slack = 0.25              # threshold: room for keep * T * (1 + slack) tokens per level
 batch_size = 0                     # train and prefill: 0 means tokens_per_batch // seq_len (at least 1)
 decode_batch = 8 if gpu else 4     # decode is measured at batch 1 and at this batch
 decode_tokens = 64 if gpu else 32  # timed decode steps after the prompt (half the length) is prefilled
@@ -105,7 +108,8 @@ else:
     ratios = tuple(float(r) for r in keep_ratio.split(','))
     config = SubLLMConfig(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd, n_head=n_head,
                           n_kv_head=n_kv_head or None, ffn_hidden=ffn_hidden, structure=structure,
-                          keep_ratio=ratios[0] if len(ratios) == 1 else ratios)
+                          keep_ratio=ratios[0] if len(ratios) == 1 else ratios, selection=selection,
+                          capacity_slack=capacity_slack)
     subllm = SubLLM(config)
 models = {'llama': SubLLM(llama_twin(config)).to(device), 'subllm': subllm.to(device)}
 
@@ -216,8 +220,18 @@ def run_train(name, tokens, B, T):
         opt.step()
         opt.zero_grad(set_to_none=True)
     dt = seconds_per_call(step)
-    keep = [config.keep_ratio_at(depth) for depth in sorted({level.depth for level in model.levels()})]
-    return dt, B * T, 3 * B * model.forward_flops(T), keep, len(model.blocks())  # backward = 2x forward
+    return dt, B * T, 3 * B * model.forward_flops(T), training_keep(model, T), len(model.blocks())  # bwd = 2x fwd
+
+
+def training_keep(model, T):
+    """Per level depth, the fraction of its parent's tokens a level runs in training: top-k's ceil(keep * T), or
+    the fixed capacity of threshold selection (padding included)."""
+    lengths = {0: T}
+    for level in model.levels():  # pre-order: a level comes before the levels inside it
+        t = lengths[level.depth - 1]
+        topk = config.selection == 'topk'
+        lengths[level.depth] = math.ceil(level.keep_ratio * t) if topk else level.capacity(t)
+    return [lengths[d] / lengths[d - 1] for d in sorted(lengths) if d > 0]
 
 
 @torch.no_grad()
@@ -313,7 +327,7 @@ for T in lengths:
 n_params = {name: m.get_num_params() for name, m in models.items()}
 print(f"device {device} ({torch.cuda.get_device_name() if gpu else 'CPU'}), dtype {dtype}, compile {compile}, "
       f"torch {torch.__version__}")
-print(f"SUBLLM {config.structure} keep {config.keep_ratio}, n_embd {config.n_embd}, n_head {config.n_head}, "
+print(f"SUBLLM {config.structure} keep {config.keep_ratio} ({config.selection} selection), n_embd {config.n_embd}, n_head {config.n_head}, "
       f"ffn {config.ffn_hidden}, vocab {config.vocab_size}: {n_params['subllm'] / 1e6:.1f}M params "
       f"(LLaMA twin {n_params['llama'] / 1e6:.1f}M), "
       f"{'scorers from ' + init_from if init_from else 'random weights, score offsets set to keep ' + keep_ratio}")
@@ -363,8 +377,9 @@ for llama, sub in zip(records[::2], records[1::2]):
           f"{fmt(llama['ms_per_iter'], '.1f')} / {fmt(sub['ms_per_iter'], '.1f')} | {mem[0]} / {mem[1]} | "
           f"{fmt(llama['mfu'], '.1%')} / {fmt(sub['mfu'], '.1%')} | {keep} |")
 print("\nspeedup = SUBLLM tokens/s over LLaMA's. FLOP ratio = LLaMA FLOPs over SUBLLM's (SUBLLM.md §9) at the keep "
-      "fractions used: train = the config's (top-k), prefill and decode = the measured eval keep (score > 0) per "
-      "level depth, a fraction of the parent's tokens (SUBLLM keep). Decode counts the weights, the logits and the "
+      "fractions used: train = what training runs (top-k: the config's; threshold: its capacity, padding "
+      "included), prefill and decode = the measured eval keep (score > 0) per level depth, a fraction of the "
+      "parent's tokens (SUBLLM keep). Decode counts the weights, the logits and the "
       "attention over the cache per token; its ms/iter is one step of one token per row, and blocks/token is the "
       "average number of blocks a decoded token runs (ratio: LLaMA's over SUBLLM's). MFU: model FLOPs (causal "
       "attention counted as half of full attention) over the GPU's dense bf16 peak.")

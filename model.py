@@ -25,6 +25,8 @@ class SubLLMConfig:
     ffn_hidden: int = None          # SwiGLU hidden size; None: LLaMA's rule, 2/3 * 4 * n_embd rounded up to 256
     structure: str = "TTT(TT(TT)TT)TTT"
     keep_ratio: float = 0.64        # fraction of the parent's tokens a level keeps: one float, or a tuple per depth
+    selection: str = 'topk'         # training-time selection: 'topk' (the paper) or 'threshold' (score > 0, causal)
+    capacity_slack: float = 0.25    # threshold: a level has room for keep * T * (1 + slack) tokens (static shapes)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -54,6 +56,10 @@ class SubLLMConfig:
         for r in ratios:
             if not 0.0 < r <= 1.0:
                 raise ValueError(f"keep_ratio {r} must be in (0, 1]")
+        if self.selection not in ('topk', 'threshold'):
+            raise ValueError(f"selection must be 'topk' or 'threshold', got {self.selection!r}")
+        if self.capacity_slack < 0:
+            raise ValueError(f"capacity_slack must be >= 0, got {self.capacity_slack}")
 
     def keep_ratio_at(self, depth):
         """Keep ratio of a level at nesting depth 1, 2, ..."""
@@ -214,27 +220,30 @@ class Balancer(torch.autograd.Function):
     SIZE_GAIN = 0.04  # the spec's gain, for keeping mean |score| in [1, 4]
 
     @staticmethod
-    def forward(ctx, scores, keep_ratio, prob):
-        ctx.save_for_backward(scores, prob)
+    def forward(ctx, scores, keep_ratio, prob, valid=None):
+        """valid (B, T) bool or None: the real tokens, where a level's input is padded (threshold selection)."""
+        ctx.save_for_backward(scores, prob, valid)
         ctx.keep_ratio = keep_ratio
         return scores.view_as(scores)
 
     @staticmethod
     def backward(ctx, grad):
-        scores, prob = ctx.saved_tensors
+        scores, prob, valid = ctx.saved_tensors
         keep = ctx.keep_ratio
-        positive = (scores > 0).float()
-        frac_positive, mean_abs = positive.mean(), scores.abs().mean()
+        real = torch.ones_like(scores) if valid is None else valid.float()  # padding is neither counted nor pushed
+        n_real = real.sum().clamp(min=1)
+        positive = (scores > 0).float() * real
+        frac_positive, mean_abs = positive.sum() / n_real, (scores.abs() * real).sum() / n_real
         count_push = ((keep - frac_positive) * Balancer.COUNT_GAIN).clamp(-1, 1)  # > 0: too few positive scores
         g = Balancer.SIZE_GAIN
         size_push = ((1.0 - mean_abs) * g).clamp(0, g) - ((mean_abs - 4.0) * g / 4.0).clamp(0, g)  # |s| into [1, 4]
-        direction = count_push + size_push * (positive - 0.5)  # (B, T), > 0 means: make this score larger
+        direction = (count_push + size_push * (positive - 0.5)) * real  # (B, T), > 0 means: make this score larger
         reached = (grad != 0).float()  # tokens the task gradient reaches (near the top-k cut)
         n_reached = reached.sum().clamp(min=1)
         grad_size = grad.abs().sum() / n_reached
         grad = grad - grad.sum() / n_reached * reached  # the task gradient, without its common mode
         apply = (torch.rand((), device=grad.device) < prob).float()
-        return grad - apply * direction * grad_size, None, None
+        return grad - apply * direction * grad_size, None, None, None
 
 
 class LimitParamValue(torch.autograd.Function):
@@ -287,20 +296,29 @@ def subsample_topk(scores, keep_ratio):
     return idx, weights.gather(1, perm)
 
 
-def subsample_threshold(scores, valid):
+def subsample_threshold(scores, valid, capacity=None):
     """Eval-time selection (SUBLLM.md §4.3): keep tokens whose score > 0, decided token by token (causal).
     Rows keep different counts: kept tokens go first, in order, and rows are right-padded to the longest.
-    Returns idx (B, K), weights (B, K) (0 on padding), kept (B, K) bool, counts (list of ints, one per row)."""
-    keep = scores > 0
+    With a capacity (training with selection='threshold') the short length is that fixed K instead, so shapes
+    are static and there is no host sync, and the overflow rule is causal: a positive token that comes after the
+    row's first K positive ones takes the skip path. The padding slots hold skipped tokens; they come after
+    every kept one, so causal attention keeps them out of the kept tokens' outputs, and their weight is 0.
+    Returns idx (B, K), weights (B, K) (0 on padding), kept (B, K) bool, counts (list of ints per row, or None with
+    a capacity) and selected (B, T) bool: which tokens went in."""
+    selected = scores > 0
     if valid is not None:
-        keep = keep & valid
-    counts = keep.sum(1)
-    counts_list = counts.tolist()  # host sync: the short length K is data dependent in eval
-    K = max(counts_list)
-    idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]  # kept first, then the rest, in order
+        selected = selected & valid
+    if capacity is None:
+        counts = selected.sum(1)
+        counts_list = counts.tolist()  # host sync: the short length K is data dependent in eval
+        K = max(counts_list)
+    else:
+        selected = selected & (selected.cumsum(1) <= capacity)  # overflow: past the first `capacity`, skip
+        counts, counts_list, K = selected.sum(1), None, capacity
+    idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :K]  # kept first, then the rest, in order
     kept = torch.arange(K, device=scores.device)[None, :] < counts[:, None]
     weights = gather_tokens(scores, idx).clamp(0, 1) * kept
-    return idx, weights, kept, counts_list
+    return idx, weights, kept, counts_list, selected
 
 
 def upsample(x, y, idx, weights):
@@ -352,42 +370,70 @@ class Level(nn.Module):
     def __init__(self, config, items, depth):
         super().__init__()
         self.depth, self.keep_ratio = depth, config.keep_ratio_at(depth)
+        self.selection, self.capacity_slack = config.selection, config.capacity_slack
         self.scorer = nn.Linear(config.n_embd, 1, bias=False)
         self.register_buffer('balancer_prob', torch.tensor(1.0), persistent=False)  # set_step: 1.0 -> 0.25
         self.register_buffer('score_offset', torch.tensor(0.0))  # running top-k cut, saved: inference needs it
         self.inner = Stack(config, items, depth)
         self.bypass = Bypass(config.n_embd)
-        # eval-mode counters, for logs and sample.py; tensors, so that torch.compile does not recompile as they grow
-        self.register_buffer('tokens_in', torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer('tokens_kept', torch.zeros((), dtype=torch.long), persistent=False)
+        # Counters for logs and sample.py; tensors, so that torch.compile does not recompile as they grow.
+        # Eval mode: tokens offered and kept. Training: tokens offered, tokens whose selection agrees with eval's
+        # `score > 0`, and positive tokens the training selection skipped (below top-k's cut, or past the capacity).
+        for name in ('tokens_in', 'tokens_kept', 'train_tokens_in', 'train_tokens_agree', 'train_tokens_dropped'):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
 
     @torch.no_grad()
-    def track_cut(self, scores, momentum=0.05):
-        """Move score_offset towards the score that separates the top k = ceil(keep * T) of each row from the rest
-        (like BatchNorm's running mean). The Balancer alone, a push on the gradient, let the eval-time kept
-        fraction swing between 0.46 and 0.96 in config/parity_subllm.py (Adam's momentum makes it overshoot); with
-        the offset it stays within 0.07 of the keep ratio from iter 300 on and ends at 0.636 / 0.619 for keep 0.64.
-        Top-k is unchanged by it. With momentum 0.05 the offset follows a drifting scorer ~20 steps late."""
-        T = scores.size(1)
-        k = math.ceil(self.keep_ratio * T)
-        if k < T:
-            top = scores.topk(k + 1, dim=1).values  # (B, k + 1)
-            cut = (top[:, k - 1] + top[:, k]).mean() / 2
-            self.score_offset.add_(momentum * cut)
+    def track_cut(self, scores, valid=None, momentum=0.05):
+        """Move score_offset towards the score that separates the top k = ceil(keep * n) of each row's n real tokens
+        from the rest (like BatchNorm's running mean). The Balancer alone, a push on the gradient, let the eval-time
+        kept fraction swing between 0.46 and 0.96 in config/parity_subllm.py (Adam's momentum makes it overshoot);
+        with the offset it stays within 0.07 of the keep ratio from iter 300 on and ends at 0.636 / 0.619 for keep
+        0.64. Top-k is unchanged by it. With momentum 0.05 the offset follows a drifting scorer ~20 steps late.
+        It is the same for every token of a batch and moves after the batch's selection, so it leaks nothing."""
+        B, T = scores.shape
+        n = torch.full((B,), T, device=scores.device) if valid is None else valid.sum(1)  # (B,) real tokens
+        k = torch.ceil(self.keep_ratio * n).long()
+        ranked = scores if valid is None else scores.masked_fill(~valid, -math.inf)
+        ranked = ranked.sort(dim=1, descending=True).values  # (B, T)
+        above = ranked.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1)  # the k-th largest, kept
+        below = ranked.gather(1, k.clamp(max=T - 1)[:, None]).squeeze(1)   # the (k+1)-th, skipped
+        rows = (k > 0) & (k < n)  # rows with a cut
+        cut = torch.where(rows, (above + below) / 2, 0.0)
+        self.score_offset.add_(momentum * cut.sum() / rows.sum().clamp(min=1))
+
+    def capacity(self, T):
+        """Threshold selection's fixed short length for an input of T tokens: keep * T * (1 + slack). The slack is
+        added once, at depth 1: an inner level's input is its parent's capacity, which carries it already."""
+        slack = self.capacity_slack if self.depth == 1 else 0.0
+        return min(T, math.ceil(self.keep_ratio * T * (1 + slack)))
+
+    @torch.no_grad()
+    def count_training_selection(self, scores, selected, valid):
+        real = torch.ones_like(selected) if valid is None else valid
+        positive = (scores > 0) & real
+        self.train_tokens_in += real.sum()
+        self.train_tokens_agree += ((selected == positive) & real).sum()
+        self.train_tokens_dropped += (positive & ~selected).sum()
 
     def forward(self, x, pos, rope, valid=None):
         # (B, T): one score per token. Scoring the RMS-normalised x changes no sign (so no selection), only the
         # scale: the scores start near |s| ~ 1 whatever the size of the residual stream, where the soft weights and
         # the Balancer work, instead of ~0.01 after a 0.02-std embedding.
         # The running offset (below) centres the scores on the top-k cut, so `score > 0` keeps ~keep_ratio.
+        # With selection='threshold' training keeps `score > 0` too, in a fixed capacity: causal, like decoding.
         scores = self.scorer(F.rms_norm(x, (x.size(-1),))).squeeze(-1).float() - self.score_offset
         if self.training:
-            self.track_cut(scores)
-            scores = Balancer.apply(scores, self.keep_ratio, self.balancer_prob)
-            idx, weights = subsample_topk(scores, self.keep_ratio)  # (B, k), k = ceil(keep * T)
-            kept, counts = None, None
+            self.track_cut(scores, valid)
+            scores = Balancer.apply(scores, self.keep_ratio, self.balancer_prob, valid)
+            if self.selection == 'topk':
+                idx, weights = subsample_topk(scores, self.keep_ratio)  # (B, k), k = ceil(keep * T)
+                kept, counts = None, None
+                selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, idx, True)
+            else:
+                idx, weights, kept, counts, selected = subsample_threshold(scores, valid, self.capacity(x.size(1)))
+            self.count_training_selection(scores, selected, valid)
         else:
-            idx, weights, kept, counts = subsample_threshold(scores, valid)
+            idx, weights, kept, counts, _ = subsample_threshold(scores, valid)
             self.tokens_in += x.size(0) * x.size(1) if valid is None else valid.sum()
             self.tokens_kept += kept.sum()
             if idx.size(1) == 0:  # no token of any row entered: the level is the skip path, out = x
@@ -481,8 +527,9 @@ class SubLLM(nn.Module):
 
     def forward_flops(self, T, keep=None):
         """Forward FLOPs for one sequence of T tokens, counting for each block the tokens it really sees
-        (SUBLLM.md §9). keep: a keep fraction per level depth (list); default the config's keep ratios, which is
-        exactly what train-time top-k keeps. Matmuls 2 * tokens * weights; causal attention 2 * T^2 * C."""
+        (SUBLLM.md §9). keep: a keep fraction per level depth (list); default what training runs: top-k's
+        ceil(keep * T), or the fixed capacity of threshold selection. Matmuls 2 * tokens * weights; causal
+        attention 2 * T^2 * C."""
         cfg = self.config
         kv_dim = cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
         block_weights = 2 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * kv_dim + 3 * cfg.n_embd * cfg.ffn_hidden
@@ -493,8 +540,12 @@ class SubLLM(nn.Module):
                 if isinstance(layer, Block):
                     total += 2 * t * block_weights + 2 * t * t * cfg.n_embd
                 else:
-                    frac = layer.keep_ratio if keep is None else keep[layer.depth - 1]
-                    t_inner = math.ceil(frac * t) if keep is None else frac * t
+                    if keep is not None:
+                        t_inner = keep[layer.depth - 1] * t
+                    elif cfg.selection == 'threshold':
+                        t_inner = layer.capacity(t)  # the padding slots run through the blocks too
+                    else:
+                        t_inner = math.ceil(layer.keep_ratio * t)
                     total += 2 * t * cfg.n_embd + stack_flops(layer.inner, t_inner)  # scorer + inner blocks
             return total
         return stack_flops(self.stack, T) + 2 * T * cfg.n_embd * cfg.vocab_size
@@ -525,12 +576,19 @@ class SubLLM(nn.Module):
 
     def reset_level_stats(self):
         for level in self.levels():
-            level.tokens_in.zero_()
-            level.tokens_kept.zero_()
+            for counter in (level.tokens_in, level.tokens_kept, level.train_tokens_in, level.train_tokens_agree,
+                            level.train_tokens_dropped):
+                counter.zero_()
 
     def level_stats(self):
         """Per level, in eval mode since the last reset: (depth, tokens offered, tokens kept)."""
         return [(level.depth, level.tokens_in.item(), level.tokens_kept.item()) for level in self.levels()]
+
+    def selection_stats(self):
+        """Per level, in training mode since the last reset: (depth, tokens offered, tokens whose selection agrees
+        with eval's `score > 0`, positive tokens the training selection skipped)."""
+        return [(level.depth, level.train_tokens_in.item(), level.train_tokens_agree.item(),
+                 level.train_tokens_dropped.item()) for level in self.levels()]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):

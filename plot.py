@@ -41,17 +41,18 @@ def table(runs):
     at which the fastest run stopped."""
     common_iter = min(recs[-1]['iter'] for recs in runs.values())
     common_time = min(recs[-1]['time_s'] for recs in runs.values())
-    lines = [f"| run | val loss @ iter {common_iter} | val loss (top-k) @ iter {common_iter} | "
-             f"val loss @ {common_time:.0f} s | tokens/s | kept per level (eval) |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| run | val loss @ iter {common_iter} | val loss, training selection @ iter {common_iter} | "
+             f"val loss @ {common_time:.0f} s | tokens/s | kept per level (eval) | selections agree per level |",
+             "|---|---|---|---|---|---|---|"]
     for name, recs in runs.items():
         at_iter = [r for r in recs if r['iter'] <= common_iter][-1]
         last = recs[-1]
-        topk = at_iter.get('val_loss_topk')
-        kept = ' / '.join(f"{k:.3f}" for k in last.get('kept', [])) or '-'
+        train_selection = at_iter.get('val_loss_train_selection')
+        kept, agree = (' / '.join(f"{k:.3f}" for k in last.get(key, [])) or '-' for key in ('kept', 'agree'))
         tokens_per_s = last['tokens'] / last['time_s'] if last['time_s'] > 0 else float('nan')
-        lines.append(f"| {name} | {at_iter['val_loss']:.4f} | {'-' if topk is None else f'{topk:.4f}'} | "
-                     f"{val_loss_at_time(recs, common_time):.4f} | {tokens_per_s:,.0f} | {kept} |")
+        lines.append(f"| {name} | {at_iter['val_loss']:.4f} | "
+                     f"{'-' if train_selection is None else f'{train_selection:.4f}'} | "
+                     f"{val_loss_at_time(recs, common_time):.4f} | {tokens_per_s:,.0f} | {kept} | {agree} |")
     return '\n'.join(lines)
 
 

@@ -51,7 +51,8 @@ def test_every_mode_model_and_length_gives_a_well_formed_record(monkeypatch, tmp
             assert math.isfinite(r['blocks_ratio']) and r['blocks_ratio'] > 0
             assert r['blocks_per_token'] == 6 if r['model'] == 'llama' else 3 <= r['blocks_per_token'] <= 6
         if r['mode'] == 'train' and r['model'] == 'subllm':
-            assert r['keep_fractions'] == [0.64, 0.64]  # top-k keeps exactly the configured fraction
+            k1 = math.ceil(0.64 * r['seq_len'])  # top-k keeps exactly ceil(keep * T) of its parent's tokens
+            assert r['keep_fractions'] == [k1 / r['seq_len'], math.ceil(0.64 * k1) / k1]
     table = capsys.readouterr().out.split('\n| mode |')[1]
     assert len([line for line in table.splitlines() if line.startswith('| ')]) == 8  # one row per mode, T, batch
 
@@ -86,3 +87,13 @@ def test_bad_flag_is_a_one_line_error():
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "bad argument '--n_embed=32'" in result.stderr and 'n_embd' in result.stderr
+
+
+def test_threshold_selection_trains_on_its_fixed_capacity(monkeypatch, tmp_path):
+    """--selection=threshold: training runs each level on its capacity, ceil(keep * T * 1.25) at depth 1 and
+    ceil(keep * that) inside, and the FLOP ratio counts those slots."""
+    out = bench(monkeypatch, tmp_path, '--seq_lens=32', '--modes=train', '--selection=threshold')
+    sub = next(r for r in out['records'] if r['model'] == 'subllm')
+    c1 = math.ceil(0.64 * 32 * 1.25)
+    assert sub['keep_fractions'] == [c1 / 32, math.ceil(0.64 * c1) / c1]
+    assert 1.0 < sub['flop_ratio'] < 6 / (2 + 2 * c1 / 32 + 2 * math.ceil(0.64 * c1) / 32) + 0.01

@@ -153,11 +153,25 @@ def test_subsample_topk_keeps_ceil_k_in_order():
 
 def test_subsample_threshold_right_pads():
     scores = torch.tensor([[1.0, -1.0, 2.0, 0.5], [-1.0, -2.0, 0.3, -0.1]])
-    idx, weights, kept, counts = subsample_threshold(scores, None)
+    idx, weights, kept, counts, selected = subsample_threshold(scores, None)
     assert counts == [3, 1]
     assert idx[0].tolist() == [0, 2, 3] and idx[1, 0].item() == 2
     assert kept.tolist() == [[True, True, True], [True, False, False]]
     assert torch.allclose(weights, torch.tensor([[1.0, 1.0, 0.5], [0.3, 0.0, 0.0]]))
+    assert selected.tolist() == [[True, False, True, True], [False, False, True, False]]
+
+
+def test_threshold_capacity_drops_the_latest_positive_tokens():
+    """With a capacity (threshold selection in training) the short length is fixed, and a row with more positive
+    scores than room keeps its first ones: the overflow rule looks only at earlier tokens, so it is causal."""
+    scores = torch.tensor([[1.0, 2.0, -1.0, 3.0, 0.4], [-1.0, 0.5, -2.0, -3.0, -1.0]])
+    valid = torch.tensor([[True] * 5, [True, True, True, True, False]])
+    idx, weights, kept, counts, selected = subsample_threshold(scores, valid, capacity=2)
+    assert counts is None and idx.shape == (2, 2)  # static shape, no host sync
+    assert selected.tolist() == [[True, True, False, False, False], [False, True, False, False, False]]
+    assert idx.tolist() == [[0, 1], [1, 0]]  # row 1: its one kept token, then a skipped one as padding
+    assert kept.tolist() == [[True, True], [True, False]]
+    assert torch.allclose(weights, torch.tensor([[1.0, 1.0], [0.5, 0.0]]))
 
 
 def test_train_mode_levels_see_ceil_keep_tokens_at_original_positions():
@@ -252,14 +266,15 @@ def test_running_offset_tracks_the_top_k_cut():
     assert torch.equal(level.score_offset, before)  # only training moves it
 
 
-def test_every_parameter_gets_a_finite_gradient():
-    model = build(tiny(n_kv_head=2))
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_every_parameter_gets_a_finite_gradient(selection):
+    model = build(tiny(n_kv_head=2, selection=selection))
     idx = torch.randint(0, V, (4, 32))
     model(idx, idx)[1].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name  # the scorers too: through the soft weights of top-k
+        assert p.grad.abs().sum() > 0, name  # the scorers too: through the soft weights
 
 
 def test_set_step_schedules():
@@ -275,11 +290,12 @@ def test_set_step_schedules():
     assert level.bypass.c_min.item() == pytest.approx(0.2) and level.balancer_prob.item() == pytest.approx(0.25)
 
 
-def test_positive_score_fraction_follows_keep_ratio():
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_positive_score_fraction_follows_keep_ratio(selection):
     """Train a toy SUBLLM on a learnable sequence task; at the end the fraction of positive scores in eval mode
     (which is what decides inference) is within 0.05 of each level's keep ratio (Balancer + running offset)."""
     torch.manual_seed(0)
-    model = SubLLM(tiny(keep_ratio=(0.75, 0.4)))
+    model = SubLLM(tiny(keep_ratio=(0.75, 0.4), selection=selection))
     successor = torch.randperm(V)
 
     def batch(b):  # next token = successor[token], or successor + 1 with probability 0.2
@@ -308,8 +324,9 @@ def test_positive_score_fraction_follows_keep_ratio():
         assert abs(tokens_kept / tokens_in - (0.75, 0.4)[depth - 1]) < 0.05, (depth, tokens_kept / tokens_in)
 
 
-def test_compiled_forward_matches_eager():
-    model = build(tiny(structure="T(T)T"))
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_compiled_forward_matches_eager(selection):
+    model = build(tiny(structure="T(T)T", selection=selection))
     idx = torch.randint(0, V, (2, 16))
     compiled = torch.compile(model)
     for training in [True, False]:
@@ -321,6 +338,71 @@ def test_compiled_forward_matches_eager():
         assert not training or not torch.equal(model.levels()[0].score_offset, offset)  # compiled, it moves too
         assert torch.allclose(compiled_logits, eager_logits, atol=1e-4)
         assert torch.allclose(compiled_loss, eager_loss, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# selection='threshold': training keeps `score > 0` like inference, in a fixed capacity
+
+
+def train_logits(model, idx):
+    """Train-mode logits, leaving the running offsets where they were (a training forward moves them after use)."""
+    offsets = [level.score_offset.clone() for level in model.levels()]
+    logits = model(idx, idx)[0]
+    for level, offset in zip(model.levels(), offsets):
+        level.score_offset.copy_(offset)
+    return logits
+
+
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+def test_training_forward_is_causal_only_with_threshold_selection(selection):
+    """With threshold selection a training forward is causal (changing token t changes no logit before t), also
+    when rows overflow the capacity (slack 0 here). Top-k is not: a later token's score moves the cut."""
+    model = build(tiny(selection=selection, capacity_slack=0.0), weight_scale=1.0)
+    idx = torch.randint(0, V, (4, 40))
+    with torch.no_grad():
+        base = train_logits(model, idx)
+        leaks = 0
+        for t in [0, 7, 20, 33, 39]:
+            for shift in range(1, 4):
+                changed = idx.clone()
+                changed[:, t] = (changed[:, t] + shift) % V
+                logits = train_logits(model, changed)
+                leaks += not torch.allclose(logits[:, :t], base[:, :t], atol=1e-5)
+    (depth1, offered, agree, dropped), _ = model.selection_stats()
+    if selection == 'threshold':
+        assert leaks == 0
+        assert dropped > 0 and agree == offered - dropped  # rows overflowed; that is the only disagreement
+    else:
+        assert leaks > 0
+
+
+def test_threshold_training_computes_what_inference_computes():
+    """Without overflow (a capacity of the whole row) a training forward with threshold selection gives the eval
+    forward's logits: same tokens in, same weights. Top-k's differ."""
+    idx = torch.randint(0, V, (3, 40))
+    for selection, same in [('threshold', True), ('topk', False)]:
+        model = build(tiny(selection=selection, capacity_slack=1.0), weight_scale=1.0)
+        with torch.no_grad():
+            eval_logits = model.eval()(idx, idx)[0]
+            training_logits = train_logits(model.train(), idx)
+        assert torch.allclose(training_logits, eval_logits, atol=1e-5) == same
+    (_, offered, agree, dropped), (_, offered2, agree2, dropped2) = model.selection_stats()  # the top-k model's
+    assert agree < offered and agree2 < offered2
+
+
+def test_threshold_levels_run_on_their_fixed_capacity():
+    """Level 1 gets ceil(keep * T * (1 + slack)) slots, level 2 ceil(keep * that): the slack is added once. The
+    FLOP count counts those slots, padding included."""
+    model = build(tiny(selection='threshold', keep_ratio=(0.75, 0.4), capacity_slack=0.2))
+    seen = {}
+    for level in model.levels():
+        level.inner.register_forward_pre_hook(
+            lambda stack, args, depth=level.depth: seen.__setitem__(depth, args[0].shape))
+    model(torch.randint(0, V, (2, 30)), torch.randint(0, V, (2, 30)))
+    c1 = math.ceil(0.75 * 30 * 1.2)
+    c2 = math.ceil(0.4 * c1)
+    assert seen == {1: (2, c1, 32), 2: (2, c2, 32)}
+    assert model.forward_flops(30) == pytest.approx(model.forward_flops(30, keep=[c1 / 30, c2 / c1]))
 
 
 # -----------------------------------------------------------------------------

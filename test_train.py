@@ -72,7 +72,7 @@ def test_loss_falls_on_a_repeated_batch_and_checkpoint_has_what_sample_needs(mon
     if structure == 'TTTTTT':  # the LLaMA baseline: same script, no levels
         assert set(log[-1]) == fields
     else:
-        assert set(log[-1]) == fields | {'val_loss_topk', 'kept'}
+        assert set(log[-1]) == fields | {'val_loss_train_selection', 'kept', 'agree', 'dropped'}
         assert len(log[-1]['kept']) == 2 and all(0 <= k <= 1 for k in log[-1]['kept'])
 
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']  # no ckpt.pt.tmp left behind

@@ -12,9 +12,13 @@ Every global in the first section is a setting. A config file (python that assig
 defaults, then --key=value flags override both; `python train.py --help` lists them all.
 Each eval appends a JSON line to out_dir/log.jsonl: iter, tokens (seen by all processes), time_s (seconds of
 training since the run began, evals and checkpoint saving excluded, continued across resumes), lr, train_loss and
-val_loss (eval mode: a level keeps the tokens whose score is > 0, as in inference), and for SUBLLM val_loss_topk
-(the same val batches with the training-time top-k selection) and kept (per level, the fraction of its parent's
-tokens it kept on those val batches in eval mode). out_dir/ckpt.pt holds everything to resume or to sample.
+val_loss (eval mode: a level keeps the tokens whose score is > 0, as in inference), and for SUBLLM, per level where
+it is a list: val_loss_train_selection (the same val batches with the training-time selection: top-k, or
+threshold in its fixed capacity), kept (the fraction of its parent's tokens a level kept on those val batches in eval
+mode), agree (the fraction of tokens on which the training-time selection picks as `score > 0` does, on those val
+batches) and dropped (in the training steps since the last eval, the fraction of a level's tokens with a positive
+score that the training selection skipped: below the top-k cut, or past the capacity).
+out_dir/ckpt.pt holds everything to resume or to sample.
 """
 import json
 import math
@@ -57,6 +61,8 @@ n_kv_head = 0                   # 0: same as n_head (no grouped-query attention)
 ffn_hidden = 0                  # 0: LLaMA's rule, 8/3 * n_embd rounded up to a multiple of 256
 structure = 'TT(TT(TT)TT)TT'    # T = a block, ( ) = a subsampled level; no parentheses = the LLaMA baseline
 keep_ratio = 0.64               # fraction of its parent's tokens a level keeps; a tuple gives one per depth
+selection = 'topk'              # training-time selection: 'topk' (the paper) or 'threshold' (score > 0, causal)
+capacity_slack = 0.25           # threshold: room for keep * T * (1 + slack) tokens per level; the rest skip
 rope_theta = 10000.0
 norm_eps = 1e-5
 tie_embeddings = False
@@ -206,7 +212,8 @@ checkpoint = None
 if init_from == 'scratch':
     model_args = dict(vocab_size=64 * math.ceil(meta['vocab_size'] / 64),  # a multiple of 64 is faster (50257 -> 50304)
                       block_size=block_size, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head or None,
-                      ffn_hidden=ffn_hidden or None, structure=structure, keep_ratio=keep_ratio, rope_theta=rope_theta,
+                      ffn_hidden=ffn_hidden or None, structure=structure, keep_ratio=keep_ratio, selection=selection,
+                      capacity_slack=capacity_slack, rope_theta=rope_theta,
                       norm_eps=norm_eps, tie_embeddings=tie_embeddings, dropout=dropout,
                       bypass_schedule_steps=bypass_schedule_steps, balancer_schedule_steps=balancer_schedule_steps)
 elif init_from == 'resume':
@@ -312,14 +319,15 @@ def get_lr(it):
 @torch.no_grad()
 def estimate_loss():
     """Mean loss of each split over eval_iters batches, the same batches at every eval so that evals compare.
-    Eval mode is the inference path: a level keeps the tokens whose score is > 0. For SUBLLM also val_loss_topk, the
-    same val batches with the training-time top-k selection (train mode, no gradients; dropout is 0 by default):
-    the gap between the two is the train/inference mismatch. And per level the fraction of tokens it kept on val."""
+    Eval mode is the inference path: a level keeps the tokens whose score is > 0. For SUBLLM also
+    val_loss_train_selection, the same val batches with the training-time selection (train mode, no gradients;
+    dropout is 0 by default): the gap between the two is the train/inference mismatch. And per level the fraction
+    of tokens it kept on val (eval mode), and the fraction on which the two selections agree."""
     out = {}
     with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):  # leave training's RNG alone
         for split in ('train', 'val'):
             generator = torch.Generator().manual_seed(seed + 1_000_003 + (split == 'val'))  # not a rank's seed
-            losses, losses_topk = torch.zeros(eval_iters), torch.zeros(eval_iters)
+            losses, losses_train_selection = torch.zeros(eval_iters), torch.zeros(eval_iters)
             raw_model.reset_level_stats()
             for k in range(eval_iters):
                 X, Y = get_batch(split, generator)
@@ -329,11 +337,13 @@ def estimate_loss():
                 if split == 'val' and levels:
                     raw_model.train()
                     with ctx:
-                        losses_topk[k] = raw_model(X, Y)[1].item()
+                        losses_train_selection[k] = raw_model(X, Y)[1].item()
             out[f'{split}_loss'] = losses.mean().item()
         if levels:
-            out['val_loss_topk'] = losses_topk.mean().item()
+            out['val_loss_train_selection'] = losses_train_selection.mean().item()
             out['kept'] = [kept / max(1, seen) for _, seen, kept in raw_model.level_stats()]  # of the parent's tokens
+            out['agree'] = [agree / max(1, seen) for _, seen, agree, _ in raw_model.selection_stats()]
+    raw_model.reset_level_stats()  # the training steps until the next eval count from zero
     raw_model.train()
     return out
 
@@ -366,11 +376,16 @@ while True:
             if device_type == 'cuda':
                 torch.cuda.synchronize()
             train_seconds += time.time() - t_train
+            # positive tokens that the training steps since the last eval skipped, per level (on this process)
+            dropped = [drop / max(1, seen) for _, seen, _, drop in raw_model.selection_stats()]
             losses = estimate_loss()
             line = f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
             if levels:
-                line += (f", val loss with top-k selection {losses['val_loss_topk']:.4f}, kept "
-                         + ' '.join(f"d{lv.depth} {kept:.3f}" for lv, kept in zip(levels, losses['kept'])))
+                losses['dropped'] = dropped
+                line += (f", val loss with {raw_model.config.selection} selection "
+                         f"{losses['val_loss_train_selection']:.4f}")
+                for name in ('kept', 'agree', 'dropped'):
+                    line += f", {name} " + ' '.join(f"d{lv.depth} {v:.3f}" for lv, v in zip(levels, losses[name]))
             print(line, flush=True)
             if not all(map(math.isfinite, [losses['train_loss'], losses['val_loss']])):
                 raise SystemExit(f"the eval loss is not finite at iter {iter_num}: stopping; the last good "
