@@ -111,6 +111,24 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(monkeypatch,
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
 
 
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_eval_of_a_checkpoint_repeats_the_logged_eval(monkeypatch, tmp_path, data, capsys, selection):
+    """The eval's training-selection pass must not move the running score offsets (they decide eval-time
+    selection): evaluating the saved checkpoint again gives the logged losses and kept fractions exactly."""
+    out = str(tmp_path / 'out')
+    train(monkeypatch, *TINY, *data, f'--out_dir={out}', '--max_iters=6', '--eval_interval=3',
+          f'--selection={selection}')
+    last = read_log(out)[-1]
+    capsys.readouterr()
+    train(monkeypatch, *TINY, *data, f'--out_dir={out}', '--init_from=resume', '--eval_only=True')
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith(f"step 6: train loss {last['train_loss']:.4f}, val loss {last['val_loss']:.4f}, "
+                           f"val loss with {selection} selection {last['val_loss_train_selection']:.4f}, "
+                           f"kept d1 {last['kept'][0]:.3f} d2 {last['kept'][1]:.3f}, "
+                           f"agree d1 {last['agree'][0]:.3f} d2 {last['agree'][1]:.3f}"), line
+    assert all(0.5 < a <= 1 for a in last['agree'])
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, data):
     original = SubLLM.forward
 

@@ -324,6 +324,7 @@ def estimate_loss():
     dropout is 0 by default): the gap between the two is the train/inference mismatch. And per level the fraction
     of tokens it kept on val (eval mode), and the fraction on which the two selections agree."""
     out = {}
+    offsets = [level.score_offset.clone() for level in levels]  # a train-mode forward moves them: put them back
     with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):  # leave training's RNG alone
         for split in ('train', 'val'):
             generator = torch.Generator().manual_seed(seed + 1_000_003 + (split == 'val'))  # not a rank's seed
@@ -343,6 +344,8 @@ def estimate_loss():
             out['val_loss_train_selection'] = losses_train_selection.mean().item()
             out['kept'] = [kept / max(1, seen) for _, seen, kept in raw_model.level_stats()]  # of the parent's tokens
             out['agree'] = [agree / max(1, seen) for _, seen, agree, _ in raw_model.selection_stats()]
+    for level, offset in zip(levels, offsets):
+        level.score_offset.copy_(offset)
     raw_model.reset_level_stats()  # the training steps until the next eval count from zero
     raw_model.train()
     return out
