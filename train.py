@@ -7,6 +7,7 @@ or many GPUs (DDP).
     python train.py config/gpu_subllm_250m.py                                    # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpu_subllm_250m.py  # 8 GPUs on one node
     python train.py config/tiny_cpu.py --init_from=resume                        # continue from out_dir/ckpt.pt
+    python train.py config/grow_tli_copy_zero.py                                 # 1.5x deeper copy of a trained model
 
 Every global in the first section is a setting. A config file (python that assigns some of them) overrides the
 defaults, then --key=value flags override both; `python train.py --help` lists them all.
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import SubLLMConfig, SubLLM
+from model import SubLLMConfig, SubLLM, grow
 
 # -----------------------------------------------------------------------------
 # default settings: a small SUBLLM on the default corpus
@@ -47,7 +48,13 @@ log_interval = 10
 eval_iters = 50                 # batches per split at each eval
 eval_only = False               # evaluate once (at iter 0, or at the resumed checkpoint) and exit
 always_save_checkpoint = True   # save at every eval; if False only when val loss improves (and always at the end)
-init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'           # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'grow' (a deeper copy of grow_from's)
+# growing a trained model (init_from='grow'): a new run at iter 0, fresh optimizer, from grow_from/ckpt.pt's weights
+grow_from = ''                  # the out_dir of the trained model
+grow_method = 'tli'             # 'tli': inject a block after every grow_k-th; 'dus': Depth Up-Scaling, drops grow_m
+grow_k = 2                      # TLI: n blocks -> n + n // grow_k
+grow_init = 'copy_zero'         # TLI: 'copy_zero' (injected blocks start as the identity) or 'copy'
+grow_m = 2                      # DUS: n blocks -> 2 * (n - grow_m)
 # data
 data_dir = 'data'
 dataset = 'stdlib'              # reads data_dir/dataset/{train.bin, val.bin, meta.json}
@@ -230,8 +237,31 @@ elif init_from == 'resume':
     if meta['vocab_size'] > model_args['vocab_size']:
         raise SystemExit(f"the data's vocab ({meta['vocab_size']}) is larger than the checkpoint model's "
                          f"({model_args['vocab_size']}): resume on the dataset it was trained on")
+elif init_from == 'grow':
+    grow_path = os.path.join(grow_from, 'ckpt.pt')
+    if not grow_from or not os.path.exists(grow_path):
+        raise SystemExit(f"init_from=grow needs --grow_from=OUT_DIR of a trained model: no checkpoint at {grow_path}")
+    if os.path.abspath(grow_from) == os.path.abspath(out_dir):
+        raise SystemExit(f"out_dir and grow_from are both {out_dir!r}: give the grown run its own --out_dir, or its "
+                         f"checkpoints would overwrite the model it grows from")
+    source = torch.load(grow_path, map_location='cpu')
+    base = SubLLM(SubLLMConfig(**source['model_args']))
+    base.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in source['model'].items()})
+    try:
+        grown = grow(base, method=grow_method, k=grow_k, init=grow_init, m=grow_m)
+    except ValueError as e:
+        raise SystemExit(f"cannot grow {grow_path}: {e}") from None
+    model_args, grown_weights = asdict(grown.config), grown.state_dict()
+    if master_process:
+        how = f"TLI k={grow_k}, {grow_init}" if grow_method == 'tli' else f"DUS m={grow_m}"
+        print(f"grown ({how}) from {grow_path} (iter {source['iter_num']}): {len(base.blocks())} blocks "
+              f"{base.config.structure} -> {len(grown.blocks())} blocks {grown.config.structure}")
+    if meta['vocab_size'] > model_args['vocab_size']:
+        raise SystemExit(f"the data's vocab ({meta['vocab_size']}) is larger than the grown model's "
+                         f"({model_args['vocab_size']}): grow on the dataset it was trained on")
+    source = base = grown = None  # free the memory
 else:
-    raise SystemExit(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+    raise SystemExit(f"init_from must be 'scratch', 'resume' or 'grow', got {init_from!r}")
 try:
     model = SubLLM(SubLLMConfig(**model_args))
 except ValueError as e:
@@ -240,6 +270,9 @@ vocab_size = model.config.vocab_size
 if checkpoint is not None:
     # checkpoints of a compiled model (older ones) carry an '_orig_mod.' prefix
     model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+elif init_from == 'grow':
+    model.load_state_dict(grown_weights)
+    grown_weights = None
 if block_size > model.config.block_size:
     raise SystemExit(f"block_size={block_size} is longer than the checkpoint model's ({model.config.block_size})")
 model.to(device)
