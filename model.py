@@ -91,7 +91,8 @@ def parse_structure(structure):
                 raise ValueError(f"structure {structure!r}: the level closed at position {i} has no 'T' block")
             stack[-1].append(level)
         else:
-            raise ValueError(f"structure {structure!r}: unknown character {ch!r} at position {i} (use T, R, '(' and ')')")
+            raise ValueError(f"structure {structure!r}: unknown character {ch!r} at position {i} "
+                             f"(use T, R, '(' and ')')")
     if len(stack) != 1:
         raise ValueError(f"structure {structure!r}: {len(stack) - 1} '(' never closed")
     if not stack[0]:

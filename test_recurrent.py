@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 
@@ -199,3 +200,19 @@ def test_train_and_sample_a_recurrent_model(tmp_path):
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert 'structure R' in run.stdout and 'decode: 10 tokens' in run.stdout
+
+
+def test_bench_measures_a_recurrent_model_against_its_twin(monkeypatch, tmp_path, capsys):
+    path = tmp_path / 'bench.json'
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--device=cpu', '--n_embd=32', '--n_head=2', '--ffn_hidden=64',
+                                      '--vocab_size=256', '--structure=TRT', '--rec_window=8', '--seq_lens=32,64',
+                                      '--tokens_per_batch=128', '--decode_batch=2', '--decode_tokens=4', '--warmup=0',
+                                      '--iters=1', f'--json={path}'])
+    runpy.run_path(os.path.join(HERE, 'bench.py'), run_name='__main__')
+    out = json.loads(path.read_text())
+    assert out['config']['structure'] == 'TRT' and out['config']['rec_window'] == 8
+    assert len(out['records']) == 2 * 2 * 4 and not any(r['oom'] for r in out['records'])
+    train = {(r['model'], r['seq_len']): r['flops'] for r in out['records'] if r['mode'] == 'train'}
+    # the twin's attention grows with T, the recurrent block's does not: its FLOP share shrinks as T doubles
+    assert train[('subllm', 64)] / train[('llama', 64)] < train[('subllm', 32)] / train[('llama', 32)]
+    assert '| LLaMA tok/s | recurrent tok/s |' in capsys.readouterr().out
