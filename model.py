@@ -226,9 +226,14 @@ class RecurrentBlock(nn.Module):
     Because attention is causal, the first half of a step's output depends on the state half only, so it *is* the
     readout of the previous window, Y_{k-1} = T(H_{k-1} + a_{k-1}): every step returns one readout, and only the last
     window needs a call of its own. In all, each token goes through T twice (once as input, once as state), 2T token
-    passes for T tokens. (Running the loop for the H_k alone and all readouts Y_k = T(H_k) afterwards in one batched
-    call, possible for alpha = 0, would compute every readout twice with a plain causal block; without that waste it
-    needs a block that skips the state half's queries, and it still recomputes the state half's keys and values.)
+    passes for T tokens. (The batched readout suggested for alpha = 0, a loop for the H_k only and then all
+    Y_k = T(H_k) in one call of shape (B * n, w, C), would compute every readout twice with a plain causal block. It
+    pays only with a step that skips the state half's queries and MLP, and even then costs more FLOPs in all, as the
+    readout recomputes the state half's keys and values; what it buys is a shorter sequential chain.)
+    Two choices differ from the author's code: a_0 = 0 (the code adds alpha * X_0 at the first step), and the last
+    window's readout gets its a_last like every other (the code leaves it out), so that a window's output does not
+    depend on whether more windows follow, which cached decoding needs. Positions are window-local RoPE only (the
+    2026 code adds absolute position embeddings; the June 2025 note's variant without them was slightly better).
 
     RoPE positions are local to the window: the state half at 0..w-1, the new tokens at w..2w-1 (the first window
     too, as after an empty state), the readout at 0..w-1. No absolute position enters: the model sees at most 2w

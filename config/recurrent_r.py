@@ -22,7 +22,7 @@ structure = 'R'
 rec_window = 16
 
 learning_rate = 2e-3
-max_iters = 600
+max_iters = 700  # 1.43M tokens
 warmup_iters = 50
 min_lr = 2e-4
 
