@@ -13,6 +13,10 @@ scoring, sorting, gathering and scattering.
     python bench.py                              # GPU: the 0.25B paper config at 2k,4k,8k; CPU: a tiny one, < 1 min
     python bench.py --preset=1300m --json=bench_1300m.json
     python bench.py --init_from=out-subllm-250m  # dims and trained scorers of a train.py checkpoint
+    python bench.py --structure=R --seq_lens=256,512,1024,2048,4096   # a recurrent block against one plain block
+
+A structure with recurrent blocks ('R') is measured against the same structure with each R a plain block (its
+LLaMA twin): the recurrent model's cost per token stays flat as the sequence grows, the twin's attention does not.
 
 Inputs are random tokens. Memory is torch.cuda.max_memory_allocated on GPU and the peak RSS of the process (above
 its level before the measurement) on CPU. Every global in the first section is a --key=value flag.
@@ -56,6 +60,7 @@ n_kv_head = 0                      # 0: same as n_head (no grouped-query attenti
 keep_ratio = '0.64'                # one float, or one per level depth, comma separated
 selection = 'topk'                 # training-time selection: 'topk' or 'threshold' (fixed capacity, see model.py)
 capacity_slack = 0.25              # threshold: room for keep * T * (1 + slack) tokens per level
+rec_window = 16                    # tokens per window of the recurrent blocks ('R' in the structure)
 batch_size = 0                     # train and prefill: 0 means tokens_per_batch // seq_len (at least 1)
 decode_batch = 8 if gpu else 4     # decode is measured at batch 1 and at this batch
 decode_tokens = 64 if gpu else 32  # timed decode steps after the prompt (half the length) is prefilled
@@ -109,9 +114,10 @@ else:
     config = SubLLMConfig(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd, n_head=n_head,
                           n_kv_head=n_kv_head or None, ffn_hidden=ffn_hidden, structure=structure,
                           keep_ratio=ratios[0] if len(ratios) == 1 else ratios, selection=selection,
-                          capacity_slack=capacity_slack)
+                          capacity_slack=capacity_slack, rec_window=rec_window)
     subllm = SubLLM(config)
 models = {'llama': SubLLM(llama_twin(config)).to(device), 'subllm': subllm.to(device)}
+label = 'recurrent' if 'R' in config.structure else 'SUBLLM'  # the model measured against its LLaMA twin
 
 
 @torch.no_grad()
@@ -327,7 +333,9 @@ for T in lengths:
 n_params = {name: m.get_num_params() for name, m in models.items()}
 print(f"device {device} ({torch.cuda.get_device_name() if gpu else 'CPU'}), dtype {dtype}, compile {compile}, "
       f"torch {torch.__version__}")
-print(f"SUBLLM {config.structure} keep {config.keep_ratio} ({config.selection} selection), n_embd {config.n_embd}, n_head {config.n_head}, "
+print(f"{label} {config.structure} keep {config.keep_ratio} ({config.selection} selection)"
+      + (f", rec_window {config.rec_window}" if 'R' in config.structure else '')
+      + f", n_embd {config.n_embd}, n_head {config.n_head}, "
       f"ffn {config.ffn_hidden}, vocab {config.vocab_size}: {n_params['subllm'] / 1e6:.1f}M params "
       f"(LLaMA twin {n_params['llama'] / 1e6:.1f}M), "
       f"{'scorers from ' + init_from if init_from else 'random weights, score offsets set to keep ' + keep_ratio}")
@@ -362,8 +370,8 @@ def fmt(value, spec, missing='-'):
     return missing if value is None else format(value, spec)
 
 
-print(f"\n| mode | seq_len | batch | LLaMA tok/s | SUBLLM tok/s | speedup | FLOP ratio | blocks/token (ratio) | "
-      f"ms/iter LLaMA / SUBLLM | mem {mem_label} LLaMA / SUBLLM | MFU LLaMA / SUBLLM | SUBLLM keep |")
+print(f"\n| mode | seq_len | batch | LLaMA tok/s | {label} tok/s | speedup | FLOP ratio | blocks/token (ratio) | "
+      f"ms/iter LLaMA / {label} | mem {mem_label} LLaMA / {label} | MFU LLaMA / {label} | {label} keep |")
 print('|' + '---|' * 12)
 for llama, sub in zip(records[::2], records[1::2]):
     oom = [r['oom'] and 'OOM' or '-' for r in (llama, sub)]
@@ -383,6 +391,11 @@ print("\nspeedup = SUBLLM tokens/s over LLaMA's. FLOP ratio = LLaMA FLOPs over S
       "attention over the cache per token; its ms/iter is one step of one token per row, and blocks/token is the "
       "average number of blocks a decoded token runs (ratio: LLaMA's over SUBLLM's). MFU: model FLOPs (causal "
       "attention counted as half of full attention) over the GPU's dense bf16 peak.")
+if 'R' in config.structure:
+    print("recurrent: speedup and FLOP ratio are of the recurrent model against its twin (each R a plain block). Its "
+          "FLOPs count every window step (an R block runs each token twice, attention over 2 * rec_window "
+          "positions); for decode they are the forward's share per token, not the rerun of the open window that "
+          "decoding does (up to 3 * rec_window positions per token).")
 if json:
     with open(json, 'w') as f:
         dump(dict(device=device, dtype=dtype, compile=compile, torch=torch.__version__, preset=preset,

@@ -6,6 +6,8 @@ A model is described by a structure string: `T` is a transformer block, `(` open
 closes it. "TT(TT(TT)TT)TT" has two nested levels; "TTTTTTTTTT" is the plain LLaMA baseline, the same class.
 One level = score every token, keep a subset (subsample), run the inner blocks on the short sequence, scatter the
 result back to full length (upsample) and mix it with the skipped path through a learned per-channel gate (bypass).
+`R` is a recurrent block (Kausik, arXiv 2402.14746; see RecurrentBlock): one block applied over windows of
+rec_window tokens, at the top level only. "R" alone is a 1-block recurrent model, "TRT" puts one between blocks.
 """
 import math
 from dataclasses import dataclass, replace
@@ -34,6 +36,10 @@ class SubLLMConfig:
     # Training schedules (SUBLLM.md §6, §7), in steps of a ~100k-step run; set_step scales them to shorter runs.
     bypass_schedule_steps: int = 20000    # bypass lower limit c_min goes 0.9 -> 0.2
     balancer_schedule_steps: int = 8000   # balancer probability goes 1.0 -> 0.25
+    # Recurrent blocks ('R' in the structure, see RecurrentBlock)
+    rec_window: int = 16            # w: tokens per window; a step attends over 2w positions (state + new tokens)
+    rec_alpha: float = 0.0          # 0: forget variant; > 0: accumulate, adding alpha * (previous readout) to a step
+    rec_learn_alpha: bool = False   # learn alpha (one per R block, starting at rec_alpha, clamped to [0, 1])
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -60,6 +66,10 @@ class SubLLMConfig:
             raise ValueError(f"selection must be 'topk' or 'threshold', got {self.selection!r}")
         if self.capacity_slack < 0:
             raise ValueError(f"capacity_slack must be >= 0, got {self.capacity_slack}")
+        if self.rec_window < 1:
+            raise ValueError(f"rec_window={self.rec_window} must be at least 1")
+        if not 0.0 <= self.rec_alpha <= 1.0:
+            raise ValueError(f"rec_alpha={self.rec_alpha} must be in [0, 1] (0 is the forget variant)")
 
     def keep_ratio_at(self, depth):
         """Keep ratio of a level at nesting depth 1, 2, ..."""
@@ -67,11 +77,16 @@ class SubLLMConfig:
 
 
 def parse_structure(structure):
-    """'TT(T(T)T)T' -> ['T', 'T', ['T', ['T'], 'T'], 'T']: a list of blocks ('T') and levels (nested lists)."""
+    """'TT(T(T)T)T' -> ['T', 'T', ['T', ['T'], 'T'], 'T']: a list of blocks ('T', 'R') and levels (nested lists)."""
     stack = [[]]
     for i, ch in enumerate(structure):
         if ch == 'T':
             stack[-1].append('T')
+        elif ch == 'R':
+            if len(stack) > 1:
+                raise ValueError(f"structure {structure!r}: 'R' at position {i} is inside a subsampled level; a "
+                                 f"recurrent block works only at the top level (outside all parentheses)")
+            stack[-1].append('R')
         elif ch == '(':
             stack.append([])
         elif ch == ')':
@@ -82,7 +97,8 @@ def parse_structure(structure):
                 raise ValueError(f"structure {structure!r}: the level closed at position {i} has no 'T' block")
             stack[-1].append(level)
         else:
-            raise ValueError(f"structure {structure!r}: unknown character {ch!r} at position {i} (use T, '(' and ')')")
+            raise ValueError(f"structure {structure!r}: unknown character {ch!r} at position {i} "
+                             f"(use T, R, '(' and ')')")
     if len(stack) != 1:
         raise ValueError(f"structure {structure!r}: {len(stack) - 1} '(' never closed")
     if not stack[0]:
@@ -91,12 +107,13 @@ def parse_structure(structure):
 
 
 def max_depth(items):
-    return max([1 + max_depth(it) for it in items if it != 'T'], default=0)
+    return max([1 + max_depth(it) for it in items if isinstance(it, list)], default=0)
 
 
 def llama_twin(config):
-    """The LLaMA baseline of a SUBLLM config: same dims, same blocks, no subsampled levels."""
-    return replace(config, structure=config.structure.replace('(', '').replace(')', ''))
+    """The LLaMA baseline of a SUBLLM or recurrent config: same dims, same blocks, no subsampled levels, and each
+    recurrent block 'R' a plain block 'T'."""
+    return replace(config, structure=config.structure.replace('(', '').replace(')', '').replace('R', 'T'))
 
 # -----------------------------------------------------------------------------
 # LLaMA building blocks
@@ -197,6 +214,88 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache_ctx=None):
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache_ctx))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+# -----------------------------------------------------------------------------
+# Recurrent block (Kausik, "Scaling Efficient LLMs", arXiv 2402.14746): structure character 'R'
+
+
+class RecurrentBlock(nn.Module):
+    """One Block T applied recurrently over windows of w = rec_window tokens, so that its cost grows linearly with
+    the sequence length. With X_0, X_1, ... the windows of the input (the last one may be shorter):
+
+        H_0 = T(X_0)                                              the first window alone
+        [Y_{k-1}; H_k] = T([H_{k-1} + a_{k-1}; X_k + a_{k-1}])    causal attention over the 2w positions
+        Y_last = T(H_last + a_last)                               the last window's readout
+        a_0 = 0, a_k = alpha * Y_{k-1}                            alpha = 0: forget (the default); > 0: accumulate
+
+    The output at the tokens of window k is Y_k; the state carried from window to window is H_k (w vectors).
+    Because attention is causal, the first half of a step's output depends on the state half only, so it *is* the
+    readout of the previous window, Y_{k-1} = T(H_{k-1} + a_{k-1}): every step returns one readout, and only the last
+    window needs a call of its own. In all, each token goes through T twice (once as input, once as state), 2T token
+    passes for T tokens. (The batched readout suggested for alpha = 0, a loop for the H_k only and then all
+    Y_k = T(H_k) in one call of shape (B * n, w, C), would compute every readout twice with a plain causal block. It
+    pays only with a step that skips the state half's queries and MLP, and even then costs more FLOPs in all, as the
+    readout recomputes the state half's keys and values; what it buys is a shorter sequential chain.)
+    Two choices differ from the author's code: a_0 = 0 (the code adds alpha * X_0 at the first step), and the last
+    window's readout gets its a_last like every other (the code leaves it out), so that a window's output does not
+    depend on whether more windows follow, which cached decoding needs. Positions are window-local RoPE only (the
+    2026 code adds absolute position embeddings; the June 2025 note's variant without them was slightly better).
+
+    RoPE positions are local to the window: the state half at 0..w-1, the new tokens at w..2w-1 (the first window
+    too, as after an empty state), the readout at 0..w-1. No absolute position enters: the model sees at most 2w
+    positions, which is why it runs on any length. A short last window needs no padding: causality makes the result
+    the same as for a padded one. Gradients flow through the whole chain of windows (backpropagation through time).
+
+    Decoding (setup_cache) keeps, per batch row, the state (H_k, a_k) of the last complete window and the inputs of
+    the window still open; a new token reruns that window from the state: T on at most 2w positions, then its readout
+    on at most w. That is O(w) per token whatever the length of the prefix; the prompt goes through the same code."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.block = Block(config)
+        self.window = config.rec_window
+        self.accumulate = config.rec_alpha > 0 or config.rec_learn_alpha
+        self.alpha = nn.Parameter(torch.tensor(config.rec_alpha)) if config.rec_learn_alpha else config.rec_alpha
+        self.decoding, self.state, self.pending = False, None, None  # set by SubLLM.setup_cache
+
+    def forward(self, x, rope):
+        """x (B, T, C) -> (B, T, C); rope: the (cos, sin) tables. While decoding, x continues the sequence."""
+        if not self.decoding:
+            return self.recur(x, None, rope)[0]
+        inputs = x if self.pending is None else torch.cat([self.pending, x], dim=1)  # (B, j + T, C): the open window
+        y, self.state, n_done = self.recur(inputs, self.state, rope)
+        self.pending = inputs[:, n_done:]  # inputs of the window still open (fewer than w)
+        return y[:, -x.size(1):]
+
+    def recur(self, x, state, rope):
+        """The recurrence over x (B, L, C), after the window whose state is `state` ((H, a), or None at the start).
+        Returns the outputs at x's positions (B, L, C), the state after x's last complete window, and the number of
+        x's tokens in complete windows."""
+        w, L = self.window, x.size(1)
+        cos, sin = rope[0][None, :2 * w], rope[1][None, :2 * w]  # (1, 2w, D/2): window-local positions
+        alpha = self.alpha.clamp(0.0, 1.0) if isinstance(self.alpha, nn.Parameter) else self.alpha
+        outputs, done_state, n_done = [], state, 0
+        for x_k in x.split(w, dim=1):  # the method's sequential part: one step per window (L/w), not per token
+            n = x_k.size(1)  # w, or fewer for the last window
+            if state is None:
+                h, a = self.block(x_k, cos[:, w:w + n], sin[:, w:w + n]), None  # H_0; a_0 = 0
+            else:
+                h_prev, a = state
+                inp = torch.cat([h_prev, x_k], dim=1)  # (B, w + n, C): [state; new tokens]
+                if a is not None:  # accumulate: alpha * the previous readout, added to both halves
+                    inp = inp + torch.cat([a, a[:, :n]], dim=1)
+                out = self.block(inp, cos[:, :w + n], sin[:, :w + n])  # causal over the w + n positions
+                outputs.append(out[:, :w])  # Y of the previous window
+                h, a = out[:, w:], alpha * out[:, :w] if self.accumulate else None
+            state = (h, a)
+            if n == w:
+                done_state, n_done = state, n_done + w
+        h, a = state
+        n = h.size(1)
+        outputs.append(self.block(h if a is None else h + a[:, :n], cos[:, :n], sin[:, :n]))  # the last readout
+        # a run that continues from a state first re-emits that state window's readout: keep x's positions only
+        return torch.cat(outputs, dim=1)[:, -L:], done_state, n_done
+
 
 # -----------------------------------------------------------------------------
 # SUBLLM pieces: Balancer, subsample, upsample, Bypass, Level
@@ -335,7 +434,8 @@ class Stack(nn.Module):
 
     def __init__(self, config, items, depth):
         super().__init__()
-        self.layers = nn.ModuleList([Block(config) if it == 'T' else Level(config, it, depth + 1) for it in items])
+        self.layers = nn.ModuleList([Block(config) if it == 'T' else RecurrentBlock(config) if it == 'R'
+                                     else Level(config, it, depth + 1) for it in items])
         self.cache_lens = None  # list of ints per row while decoding with a cache
 
     def forward(self, x, pos, rope, valid=None, counts=None):
@@ -348,6 +448,8 @@ class Stack(nn.Module):
         for layer in self.layers:
             if isinstance(layer, Block):
                 x = layer(x, cos, sin, cache_ctx)
+            elif isinstance(layer, RecurrentBlock):
+                x = layer(x, rope)  # window-local positions, its own decoding state
             else:
                 x = layer(x, pos, rope, valid)
         return x
@@ -462,7 +564,8 @@ class SubLLM(nn.Module):
         # real cos/sin tables (not complex): they survive NCCL broadcast and torch.compile
         head_dim = config.n_embd // config.n_head
         freqs = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        angles = torch.outer(torch.arange(config.block_size).float(), freqs)  # (block_size, D/2)
+        rope_len = max(config.block_size, 2 * config.rec_window)  # a recurrent step spans 2 * rec_window positions
+        angles = torch.outer(torch.arange(rope_len).float(), freqs)  # (rope_len, D/2)
         self.register_buffer('rope_cos', angles.cos(), persistent=False)
         self.register_buffer('rope_sin', angles.sin(), persistent=False)
         self.apply(self._init_weights)
@@ -534,11 +637,20 @@ class SubLLM(nn.Module):
         kv_dim = cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
         block_weights = 2 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * kv_dim + 3 * cfg.n_embd * cfg.ffn_hidden
 
+        def block_flops(t):
+            return 2 * t * block_weights + 2 * t * t * cfg.n_embd
+
         def stack_flops(stack, t):
             total = 0.0
             for layer in stack.layers:
                 if isinstance(layer, Block):
-                    total += 2 * t * block_weights + 2 * t * t * cfg.n_embd
+                    total += block_flops(t)
+                elif isinstance(layer, RecurrentBlock):  # the block on each window as RecurrentBlock.recur runs it
+                    w = layer.window
+                    sizes = [min(w, t - start) for start in range(0, t, w)]  # the windows; the last may be shorter
+                    total += block_flops(sizes[0])                                 # H_0 = T(X_0)
+                    total += sum(block_flops(w + n) for n in sizes[1:])            # [Y; H] = T([H; X]): w + n wide
+                    total += block_flops(sizes[-1])                                # the last window's readout
                 else:
                     if keep is not None:
                         t_inner = keep[layer.depth - 1] * t
@@ -573,6 +685,8 @@ class SubLLM(nn.Module):
                     attn = layer.attn
                     attn.kv_cache = None if batch_size is None else KVCache(
                         batch_size, max_len, attn.n_kv_head, attn.head_dim, dtype, param.device)
+                elif isinstance(layer, RecurrentBlock):  # no KV cache: it carries its last window state instead
+                    layer.decoding, layer.state, layer.pending = batch_size is not None, None, None
 
     def reset_level_stats(self):
         for level in self.levels():

@@ -66,7 +66,8 @@ n_embd = 384
 n_head = 6
 n_kv_head = 0                   # 0: same as n_head (no grouped-query attention)
 ffn_hidden = 0                  # 0: LLaMA's rule, 8/3 * n_embd rounded up to a multiple of 256
-structure = 'TT(TT(TT)TT)TT'    # T = a block, ( ) = a subsampled level; no parentheses = the LLaMA baseline
+structure = 'TT(TT(TT)TT)TT'    # T = a block, ( ) = a subsampled level; no parentheses = the LLaMA baseline;
+                                # R = a recurrent block (top level only), e.g. 'R' or 'TRT'
 keep_ratio = 0.64               # fraction of its parent's tokens a level keeps; a tuple gives one per depth
 selection = 'topk'              # training-time selection: 'topk' (the paper) or 'threshold' (score > 0, causal)
 capacity_slack = 0.25           # threshold: room for keep * T * (1 + slack) tokens per level; the rest skip
@@ -76,6 +77,9 @@ tie_embeddings = False
 dropout = 0.0
 bypass_schedule_steps = 20000   # schedule lengths for a 100k-step run; set_step shrinks them for shorter runs
 balancer_schedule_steps = 8000
+rec_window = 16                 # recurrent blocks: tokens per window
+rec_alpha = 0.0                 # recurrent blocks: 0 forget, > 0 accumulate alpha * the previous window's readout
+rec_learn_alpha = False         # recurrent blocks: learn alpha (starts at rec_alpha, clamped to [0, 1])
 # AdamW and the learning rate schedule: linear warmup, then cosine decay to min_lr
 learning_rate = 1e-3
 max_iters = 5000
@@ -222,7 +226,8 @@ if init_from == 'scratch':
                       ffn_hidden=ffn_hidden or None, structure=structure, keep_ratio=keep_ratio, selection=selection,
                       capacity_slack=capacity_slack, rope_theta=rope_theta,
                       norm_eps=norm_eps, tie_embeddings=tie_embeddings, dropout=dropout,
-                      bypass_schedule_steps=bypass_schedule_steps, balancer_schedule_steps=balancer_schedule_steps)
+                      bypass_schedule_steps=bypass_schedule_steps, balancer_schedule_steps=balancer_schedule_steps,
+                      rec_window=rec_window, rec_alpha=rec_alpha, rec_learn_alpha=rec_learn_alpha)
 elif init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"init_from=resume, but there is no checkpoint at {ckpt_path}")
@@ -284,6 +289,10 @@ if master_process:
     if levels:
         print(f"SUBLLM, structure {model.config.structure}, keep ratio per level (depth): "
               + ', '.join(f"{lv.keep_ratio:g} (d{lv.depth})" for lv in levels))
+    elif 'R' in model.config.structure:
+        c = model.config
+        print(f"recurrent, structure {c.structure}, window {c.rec_window}, alpha {c.rec_alpha:g}"
+              + (" (learned)" if c.rec_learn_alpha else " (forget)" if c.rec_alpha == 0 else ""))
     else:
         print(f"LLaMA baseline, structure {model.config.structure} (no subsampled levels)")
     print(f"tokens per iteration: {tokens_per_iter:,} = {ddp_world_size} process(es) x {gradient_accumulation_steps} "
