@@ -273,6 +273,9 @@ if use_compile:
         print("compiling the model (the first iteration takes a minute or so)")
     try:
         if est:  # each block on its own: EST's skipped blocks stay Python between the graphs, no recompile per step
+            if not hasattr(torch.compiler, 'set_stance'):
+                raise SystemExit("--est=True with torch.compile needs torch 2.6 or newer: upgrade torch, or run with "
+                                 "--compile=False")
             for block in raw_model.blocks():
                 block.compile()
         else:
@@ -359,7 +362,6 @@ def get_lr(it):
 
 
 @torch.no_grad()
-@torch.compiler.set_stance('force_eager')  # EST compiles the blocks in place: evals stay eager, like raw_model's
 def estimate_loss():
     """Mean loss of each split over eval_iters batches, the same batches at every eval so that evals compare.
     Eval mode is the inference path: a level keeps the tokens whose score is > 0. For SUBLLM also val_loss_topk, the
@@ -387,6 +389,10 @@ def estimate_loss():
             out['kept'] = [kept / max(1, seen) for _, seen, kept in raw_model.level_stats()]  # of the parent's tokens
     raw_model.train()
     return out
+
+
+if est and use_compile:  # the blocks are compiled in place: keep evals eager, as raw_model's are without EST
+    estimate_loss = torch.compiler.set_stance('force_eager')(estimate_loss)
 
 
 # logging: out_dir/log.jsonl gets one JSON line per eval
