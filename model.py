@@ -210,8 +210,16 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
+        # EST sub-network (SubLLM.set_subnetwork): skip the block, or run only these rows of the weights.
+        # None = the dense block. Buffers, so that they follow .to(device) and torch.compile sees them as inputs.
+        self.est_skip = False
+        self.register_buffer('est_q_rows', None, persistent=False)   # rows of wq (columns of wo): kept heads
+        self.register_buffer('est_kv_rows', None, persistent=False)  # rows of wk and wv
+        self.register_buffer('est_units', None, persistent=False)    # SwiGLU hidden units (rows of gate and up)
 
     def forward(self, x, cos, sin, cache_ctx=None):
+        if self.est_q_rows is not None:
+            return est_block_forward(self, x, cos, sin, cache_ctx)
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache_ctx))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
@@ -447,7 +455,8 @@ class Stack(nn.Module):
             cache_ctx = self.cache_context(x.size(1), counts or [x.size(1)] * x.size(0), x.device)
         for layer in self.layers:
             if isinstance(layer, Block):
-                x = layer(x, cos, sin, cache_ctx)
+                if not layer.est_skip:  # EST switches whole blocks off for a step: the residual passes through
+                    x = layer(x, cos, sin, cache_ctx)
             elif isinstance(layer, RecurrentBlock):
                 x = layer(x, rope)  # window-local positions, its own decoding state
             else:
@@ -631,20 +640,22 @@ class SubLLM(nn.Module):
     def forward_flops(self, T, keep=None):
         """Forward FLOPs for one sequence of T tokens, counting for each block the tokens it really sees
         (SUBLLM.md §9). keep: a keep fraction per level depth (list); default what training runs: top-k's
-        ceil(keep * T), or the fixed capacity of threshold selection. Matmuls 2 * tokens * weights; causal
-        attention 2 * T^2 * C."""
+        ceil(keep * T), or the fixed capacity of threshold selection. With an EST sub-network set
+        (set_subnetwork), only what it runs. Matmuls 2 * tokens * weights; causal attention 2 * T^2 * C."""
         cfg = self.config
         kv_dim = cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
-        block_weights = 2 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * kv_dim + 3 * cfg.n_embd * cfg.ffn_hidden
+        attn_weights = 2 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * kv_dim
+        mlp_weights = 3 * cfg.n_embd * cfg.ffn_hidden
 
-        def block_flops(t):
-            return 2 * t * block_weights + 2 * t * t * cfg.n_embd
+        def block_flops(t, heads=1, units=1):  # heads, units: the fractions an EST sub-network runs
+            return 2 * t * (heads * attn_weights + units * mlp_weights) + heads * 2 * t * t * cfg.n_embd
 
         def stack_flops(stack, t):
             total = 0.0
             for layer in stack.layers:
                 if isinstance(layer, Block):
-                    total += block_flops(t)
+                    if not layer.est_skip:  # with an EST sub-network: only the heads and units it runs
+                        total += block_flops(t, *est_fractions(layer))  # fractions 1, 1 for the dense block
                 elif isinstance(layer, RecurrentBlock):  # the block on each window as RecurrentBlock.recur runs it
                     w = layer.window
                     sizes = [min(w, t - start) for start in range(0, t, w)]  # the windows; the last may be shorter
@@ -733,6 +744,110 @@ class SubLLM(nn.Module):
                 self.setup_cache(None, None)
             self.train(was_training)
         return idx
+
+
+    # -- Evolving Subnetwork Training (EST) --------------------------------------
+
+    def set_subnetwork(self, subnet):
+        """Run only part of the model from now on (EST, arXiv 2406.06962), until the next call.
+        subnet: None for the dense model, or one entry per block of self.blocks(): None skips that block (the
+        residual passes through), (groups, units) runs it with only these KV groups (each with all its query
+        heads; with plain multi-head attention a group is one head) and these SwiGLU hidden units, LongTensors.
+        Scorers, upsampling and bypasses of SUBLLM levels always run. See sample_subnetwork."""
+        blocks = self.blocks()
+        if subnet is not None and any(isinstance(m, RecurrentBlock) for m in self.modules()):
+            raise ValueError("EST sub-networks are not implemented for recurrent blocks ('R' in the structure): "
+                             "train this structure without est")
+        if subnet is None:
+            subnet = [(None, None)] * len(blocks)
+        if len(subnet) != len(blocks):
+            raise ValueError(f"the sub-network has {len(subnet)} entries but the model has {len(blocks)} blocks: "
+                             f"give one per block of model.blocks()")
+        cfg = self.config
+        head_dim, q_per_group = cfg.n_embd // cfg.n_head, cfg.n_head // cfg.n_kv_head
+        for block, entry in zip(blocks, subnet):
+            block.est_skip = entry is None
+            groups, units = (None, None) if entry is None else entry
+            if groups is None:  # dense (or skipped: then the rows are never used)
+                block.est_q_rows = block.est_kv_rows = block.est_units = None
+                continue
+            device = block.attn.wq.weight.device
+            groups, units = torch.as_tensor(groups, device=device), torch.as_tensor(units, device=device)
+            for name, idx, n in (('KV groups', groups, cfg.n_kv_head), ('units', units, cfg.ffn_hidden)):
+                if idx.dim() != 1 or idx.numel() == 0 or idx.unique().numel() != idx.numel() or \
+                        idx.min() < 0 or idx.max() >= n:
+                    raise ValueError(f"sub-network {name} {idx.tolist()}: give distinct indices in [0, {n})")
+            dims = torch.arange(head_dim, device=device)
+            heads = (groups[:, None] * q_per_group + torch.arange(q_per_group, device=device)).flatten()
+            block.est_q_rows = (heads[:, None] * head_dim + dims).flatten()  # (kept heads * D,)
+            block.est_kv_rows = (groups[:, None] * head_dim + dims).flatten()  # (kept groups * D,)
+            block.est_units = units
+
+
+def est_fractions(block):
+    """(fraction of the attention heads, fraction of the SwiGLU units) a block runs: p_heads and p_units."""
+    if block.est_q_rows is None:
+        return 1, 1
+    heads = block.est_q_rows.numel() / block.attn.wq.weight.size(0)
+    return heads, block.est_units.numel() / block.mlp.gate.weight.size(0)
+
+
+def est_block_forward(block, x, cos, sin, cache_ctx=None):
+    """The block with only its EST sub-network: the kept rows of wq/wk/wv/gate/up and the matching columns of
+    wo/down are sliced out of the weights (smaller matmuls: the FLOPs really drop; masking would save none), and
+    each branch is scaled by 1/p like dropout, so that its output keeps the dense block's size in expectation.
+    Unsampled rows get a zero gradient. With every head and unit kept this is exactly the dense block.
+    x (B, T, C) -> (B, T, C)."""
+    if cache_ctx is not None:
+        raise ValueError("a sub-network is for training: call set_subnetwork(None) before decoding with a cache")
+    attn, mlp = block.attn, block.mlp
+    B, T, _ = x.shape
+    p_heads, p_units = est_fractions(block)
+    h = block.attn_norm(x)
+    q = F.linear(h, attn.wq.weight[block.est_q_rows]).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, h, T, D)
+    k = F.linear(h, attn.wk.weight[block.est_kv_rows]).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, g, T, D)
+    v = F.linear(h, attn.wv.weight[block.est_kv_rows]).view(B, T, -1, attn.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if q.size(1) != k.size(1):  # grouped-query attention: each kept group's K/V serves its query heads
+        q_per_group = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(q_per_group, dim=1), v.repeat_interleave(q_per_group, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=attn.dropout if attn.training else 0.0)
+    y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, h * D)
+    x = x + block.dropout(F.linear(y, attn.wo.weight[:, block.est_q_rows]) * (1 / p_heads))
+    h = block.mlp_norm(x)
+    gate = F.linear(h, mlp.gate.weight[block.est_units])  # (B, T, kept units)
+    up = F.linear(h, mlp.up.weight[block.est_units])
+    return x + block.dropout(F.linear(F.silu(gate) * up, mlp.down.weight[:, block.est_units]) * (1 / p_units))
+
+
+def est_kept(p, n):
+    """How many of n things a sampling rate p keeps: p * n rounded half up, at least 1."""
+    return max(1, min(n, math.floor(p * n + 0.5)))
+
+
+def sample_subnetwork(model, p_heads, p_units, p_layers, generator):
+    """A random EST sub-network for model.set_subnetwork: est_kept(p_layers, n) of the n blocks run (more if the
+    rules need more: the first and last block always run, and in SUBLLM at least one block directly inside every
+    level, so no level degenerates to its bypass), and each running block keeps est_kept(p_heads) of its KV groups
+    and est_kept(p_units) of its SwiGLU units, all uniformly at random. Everything comes from `generator`: the same
+    generator state gives the same sub-network (DDP ranks, resumed runs). Loops over blocks and levels: a few."""
+    cfg, blocks = model.config, model.blocks()
+    n = len(blocks)
+    position = {id(b): i for i, b in enumerate(blocks)}
+    running = {0, n - 1}
+    for level in model.levels():
+        inside = [position[id(b)] for b in level.inner.layers if isinstance(b, Block)]
+        if not running & set(inside):
+            running.add(inside[torch.randint(len(inside), (), generator=generator).item()])
+    others = [i for i in torch.randperm(n, generator=generator).tolist() if i not in running]
+    running |= set(others[:max(0, est_kept(p_layers, n) - len(running))])
+    n_groups, n_units = est_kept(p_heads, cfg.n_kv_head), est_kept(p_units, cfg.ffn_hidden)
+    subnet = []
+    for i in range(n):
+        groups = torch.randperm(cfg.n_kv_head, generator=generator)[:n_groups].sort().values
+        units = torch.randperm(cfg.ffn_hidden, generator=generator)[:n_units].sort().values
+        subnet.append((groups, units) if i in running else None)
+    return subnet
 
 
 # -----------------------------------------------------------------------------

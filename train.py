@@ -19,6 +19,8 @@ threshold in its fixed capacity), kept (the fraction of its parent's tokens a le
 mode), agree (the fraction of tokens on which the training-time selection picks as `score > 0` does, on those val
 batches) and dropped (in the training steps since the last eval, the fraction of a level's tokens with a positive
 score that the training selection skipped: below the top-k cut, or past the capacity).
+With --est=True also stage, flops (training FLOPs spent so far: 3x the forward FLOPs of each step's sub-network)
+and flops_dense (the same for dense training).
 out_dir/ckpt.pt holds everything to resume or to sample.
 """
 import json
@@ -37,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import SubLLMConfig, SubLLM, grow
+from model import SubLLMConfig, SubLLM, grow, sample_subnetwork
 
 # -----------------------------------------------------------------------------
 # default settings: a small SUBLLM on the default corpus
@@ -95,6 +97,16 @@ device = 'auto'                 # 'auto' (cuda if available, else cpu), 'cpu', '
 dtype = 'auto'                  # 'auto' (bfloat16 if the GPU has it, else float16; float32 on CPU) or one of those
 compile = True                  # torch.compile on CUDA; on CPU only when given explicitly (it takes minutes there)
 seed = 1337
+# Evolving Subnetwork Training (EST, arXiv 2406.06962; README): each step trains a random sub-network, in 3 stages.
+# Stage 1, iters [0, est_stage1_end * max_iters): some blocks run, each with some of its heads and SwiGLU units.
+# Stage 2, until est_stage2_end * max_iters: every block runs, still with some of its heads and units.
+# Stage 3, until the end: the full model. The learning rate schedule runs on unchanged across the stages.
+est = False
+est_stage1_end = 0.25           # fractions of max_iters
+est_stage2_end = 0.65
+est_p_heads = 0.5               # stages 1 and 2: fraction of the KV groups (with all their query heads) a block runs
+est_p_units = 0.5               # stages 1 and 2: fraction of the SwiGLU hidden units a block runs
+est_p_layers = 0.5              # stage 1: fraction of the blocks that run (first, last and one per level always do)
 
 # -----------------------------------------------------------------------------
 # poor man's configurator: config files, then --key=value flags. A mistake ends the run with a one-line message.
@@ -309,12 +321,54 @@ if use_compile:
     if master_process:
         print("compiling the model (the first iteration takes a minute or so)")
     try:
-        model = torch.compile(model)
+        if est:  # each block on its own: EST's skipped blocks stay Python between the graphs, no recompile per step
+            if not hasattr(torch.compiler, 'set_stance'):
+                raise SystemExit("--est=True with torch.compile needs torch 2.6 or newer: upgrade torch, or run with "
+                                 "--compile=False")
+            for block in raw_model.blocks():
+                block.compile()
+        else:
+            model = torch.compile(model)
     except RuntimeError as e:  # e.g. a Python version that this torch's compiler does not support yet
         raise SystemExit(f"torch.compile failed ({str(e).strip().splitlines()[0]}): run with --compile=False") from None
 if ddp:
     # the buffers (RoPE tables, schedule values) are the same on every rank: no need to broadcast them each step
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+    # with EST, the skipped blocks' parameters get no gradient in a step: find_unused_parameters lets DDP finish the
+    # reduction without them (it costs a walk over the autograd graph each step, so only when EST is on)
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False,
+                find_unused_parameters=est)
+
+# Evolving Subnetwork Training: the sub-network of each step, and the training FLOPs it spends
+if est and 'R' in raw_model.config.structure:
+    raise SystemExit("--est=True does not support recurrent blocks ('R' in the structure): train it without est")
+if est and not 0 <= est_stage1_end <= est_stage2_end <= 1:
+    raise SystemExit(f"EST stages need 0 <= est_stage1_end <= est_stage2_end <= 1, got {est_stage1_end} and "
+                     f"{est_stage2_end} (fractions of max_iters)")
+if est and not all(0 < p <= 1 for p in (est_p_heads, est_p_units, est_p_layers)):
+    raise SystemExit(f"est_p_heads, est_p_units and est_p_layers must be in (0, 1], got {est_p_heads}, "
+                     f"{est_p_units} and {est_p_layers}")
+flops_per_iter_dense = 3 * raw_model.forward_flops(block_size) * (tokens_per_iter // block_size)  # bwd = 2x fwd
+flops_spent = 0.0 if checkpoint is None else checkpoint.get('flops', iter_num * flops_per_iter_dense)
+
+
+def est_stage(it):
+    return 1 if it < est_stage1_end * max_iters else 2 if it < est_stage2_end * max_iters else 3
+
+
+def est_subnetwork(it):
+    """The sub-network of iteration it (None: the full model). It depends on (seed, it) only, not on the rank or
+    on any random state: every DDP rank and every micro-step of the step, and a resumed run, use the same one."""
+    if est_stage(it) == 3:
+        return None
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + it)
+    p_layers = est_p_layers if est_stage(it) == 1 else 1.0
+    return sample_subnetwork(raw_model, est_p_heads, est_p_units, p_layers, generator)
+
+
+if est and master_process:
+    stage1, stage2 = math.ceil(est_stage1_end * max_iters), math.ceil(est_stage2_end * max_iters)
+    print(f"EST: stage 1 iters [0, {stage1}) with heads x{est_p_heads:g}, units x{est_p_units:g}, blocks "
+          f"x{est_p_layers:g}; stage 2 [{stage1}, {stage2}) all blocks; stage 3 [{stage2}, {max_iters}) full model")
 
 
 def rng_state():
@@ -366,6 +420,7 @@ def estimate_loss():
     dropout is 0 by default): the gap between the two is the train/inference mismatch. And per level the fraction
     of tokens it kept on val (eval mode), and the fraction on which the two selections agree."""
     out = {}
+    raw_model.set_subnetwork(None)  # EST: always evaluate the full model; the next step sets its own sub-network
     offsets = [level.score_offset.clone() for level in levels]  # a train-mode forward moves them: put them back
     with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):  # leave training's RNG alone
         for split in ('train', 'val'):
@@ -391,6 +446,10 @@ def estimate_loss():
     raw_model.reset_level_stats()  # the training steps until the next eval count from zero
     raw_model.train()
     return out
+
+
+if est and use_compile:  # the blocks are compiled in place: keep evals eager, as raw_model's are without EST
+    estimate_loss = torch.compiler.set_stance('force_eager')(estimate_loss)
 
 
 # logging: out_dir/log.jsonl gets one JSON line per eval
@@ -438,6 +497,9 @@ while True:
             if not eval_only:
                 record = dict(iter=iter_num, tokens=iter_num * tokens_per_iter, time_s=round(train_seconds, 3),
                               lr=lr, **losses)
+                if est:  # training FLOPs spent so far (3x forward of what ran), and what dense training spends
+                    record.update(stage=est_stage(iter_num), flops=flops_spent,
+                                  flops_dense=iter_num * flops_per_iter_dense)
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(record) + '\n')
             improved = losses['val_loss'] < best_val_loss
@@ -455,6 +517,8 @@ while True:
                     'rng': all_states,
                     'train_seconds': train_seconds,
                 }
+                if est:
+                    checkpoint['flops'] = flops_spent
                 print(f"saving checkpoint to {ckpt_path}")
                 torch.save(checkpoint, ckpt_path + '.tmp')  # write, then rename: a crash never leaves half a file
                 os.replace(ckpt_path + '.tmp', ckpt_path)
@@ -465,6 +529,9 @@ while True:
 
     # one optimizer step: forward, backward and gradient accumulation over micro-steps
     raw_model.set_step(iter_num, max_iters)  # advances the bypass and balancer schedules
+    if est:  # this step's sub-network, for all its micro-steps (stage 3: None, the full model), and its FLOPs
+        raw_model.set_subnetwork(est_subnetwork(iter_num))
+        flops_spent += 3 * raw_model.forward_flops(block_size) * (tokens_per_iter // block_size)
     try:
         for micro_step in range(gradient_accumulation_steps):
             X, Y = get_batch('train', train_gen)
@@ -497,7 +564,9 @@ while True:
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
             running_mfu = running_mfu if mfu is None else mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tokens_per_iter / dt:,.0f} tok/s"
-              + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else ''), flush=True)
+              + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else '')
+              + (f", EST stage {est_stage(iter_num)}, {flops_spent:.3g} FLOPs spent "
+                 f"({(iter_num + 1) * flops_per_iter_dense:.3g} dense)" if est else ''), flush=True)
     iter_num += 1
     local_iter_num += 1
 
