@@ -905,6 +905,8 @@ def grow(model, method='tli', k=2, init='copy_zero', m=2):
     a gradient, their inputs are not zero); 'copy' is a plain copy. DUS copies blocks as they are (SOLAR)."""
     blocks, levels = model.blocks(), model.levels()
     n = len(blocks)
+    if 'R' in model.config.structure:
+        raise ValueError("growing is for structures of T blocks and levels; a recurrent block ('R') cannot be grown")
     if init not in ('copy_zero', 'copy'):
         raise ValueError(f"init must be 'copy_zero' or 'copy', got {init!r}")
     if method == 'tli':

@@ -4,7 +4,6 @@ train.py --est=True (in this process with runpy, like test_train.py).
 """
 import copy
 import functools
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import SubLLM, SubLLMConfig, est_kept, sample_subnetwork
-from test_train import TINY, env1, make_data, read_log, train, TRAIN
+from test_train import TINY, env1, interrupt_and_resume, make_data, read_log, train, TRAIN
 
 TINY_EST = [*TINY, '--est=True', '--est_stage1_end=0.5', '--est_stage2_end=0.75']
 
@@ -150,18 +149,7 @@ def test_est_run_logs_stages_and_flops_and_resumes_mid_stage_exactly(monkeypatch
     printed = capsys.readouterr().out
     assert 'EST: stage 1 iters [0, 6)' in printed and 'iter 7: loss' in printed and 'EST stage 2' in printed
 
-    original = SubLLM.set_step
-
-    def interrupted_set_step(self, step, max_steps=None):
-        if step == 6:
-            raise KeyboardInterrupt
-        original(self, step, max_steps)
-    monkeypatch.setattr(SubLLM, 'set_step', interrupted_set_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(monkeypatch, *flags, f'--out_dir={tmp_path / "b"}')
-    monkeypatch.setattr(SubLLM, 'set_step', original)
-    assert torch.load(tmp_path / 'b' / 'ckpt.pt')['iter_num'] == 4
-    train(monkeypatch, *flags, f'--out_dir={tmp_path / "b"}', '--init_from=resume')
+    interrupt_and_resume(monkeypatch, flags, tmp_path / 'b', at_iter=6, checkpoint_iter=4)  # mid-stage 2
 
     log_a, log_b = read_log(tmp_path / 'a'), read_log(tmp_path / 'b')
     for r in log_a + log_b:

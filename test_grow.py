@@ -112,6 +112,11 @@ def test_bad_growth_settings_are_one_line_errors(kwargs, message):
         grow(tiny_model('TTTTTT'), **kwargs)
 
 
+def test_a_recurrent_block_cannot_be_grown():
+    with pytest.raises(ValueError, match="recurrent block"):
+        grow(tiny_model('TRT'))
+
+
 # -----------------------------------------------------------------------------
 # train.py --init_from=grow
 

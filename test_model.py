@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model import (SubLLM, SubLLMConfig, Level, Stack, llama_twin, parse_structure, subsample_topk,
+from model import (SubLLM, SubLLMConfig, llama_twin, parse_structure, subsample_topk,
                    subsample_threshold, upsample)
 
 V = 64  # vocabulary of the tiny models

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model import SubLLM, SubLLMConfig, RecurrentBlock, llama_twin
+from test_model import cached_logits
 
 V = 64  # vocabulary of the tiny models
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,21 +81,6 @@ def test_perturbing_token_p_changes_no_output_before_p(w, alpha, learn):
             changed = model(other, other)[0]
             assert torch.allclose(changed[:, :p], base[:, :p], atol=1e-6), p
             assert (changed[:, p] - base[:, p]).abs().max() > 1e-3, p  # the token itself does matter
-
-
-def cached_logits(model, idx, chunks):
-    """Feed idx (B, T) through setup_cache in chunks of the given sizes; the logits of every position."""
-    model.setup_cache(idx.size(0), idx.size(1))
-    out, start = [], 0
-    try:
-        for size in chunks:
-            piece = idx[:, start:start + size]
-            out.append(model(piece, piece)[0])  # targets only to get logits at every position of the chunk
-            start += size
-    finally:
-        model.setup_cache(None, None)
-    assert start == idx.size(1)
-    return torch.cat(out, dim=1)
 
 
 @pytest.mark.parametrize("structure,alpha,learn", [('R', 0.0, False), ('TRT', 0.0, False), ('RR', 0.0, False),

@@ -48,6 +48,23 @@ def train(monkeypatch, *args):
     runpy.run_path(TRAIN, run_name='__main__')
 
 
+def interrupt_and_resume(monkeypatch, flags, out_dir, at_iter, checkpoint_iter):
+    """Run train.py with these flags into out_dir, stop it with Ctrl-C at the start of iter at_iter (after the
+    checkpoint of checkpoint_iter), then resume it to the end."""
+    original = SubLLM.set_step
+
+    def interrupted_set_step(self, step, max_steps=None):
+        if step == at_iter:
+            raise KeyboardInterrupt
+        original(self, step, max_steps)
+    monkeypatch.setattr(SubLLM, 'set_step', interrupted_set_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(monkeypatch, *flags, f'--out_dir={out_dir}')
+    monkeypatch.setattr(SubLLM, 'set_step', original)
+    assert torch.load(out_dir / 'ckpt.pt')['iter_num'] == checkpoint_iter
+    train(monkeypatch, *flags, f'--out_dir={out_dir}', '--init_from=resume')
+
+
 def read_log(out):
     return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
 
@@ -88,19 +105,7 @@ def test_loss_falls_on_a_repeated_batch_and_checkpoint_has_what_sample_needs(mon
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(monkeypatch, tmp_path, data):
     flags = [*TINY, *data, '--max_iters=12', '--eval_interval=4', '--learning_rate=3e-3', '--warmup_iters=3']
     train(monkeypatch, *flags, f'--out_dir={tmp_path / "a"}')
-
-    original = SubLLM.set_step
-
-    def interrupted_set_step(self, step, max_steps=None):  # Ctrl-C at the start of iter 6
-        if step == 6:
-            raise KeyboardInterrupt
-        original(self, step, max_steps)
-    monkeypatch.setattr(SubLLM, 'set_step', interrupted_set_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(monkeypatch, *flags, f'--out_dir={tmp_path / "b"}')
-    monkeypatch.setattr(SubLLM, 'set_step', original)
-    assert torch.load(tmp_path / 'b' / 'ckpt.pt')['iter_num'] == 4
-    train(monkeypatch, *flags, f'--out_dir={tmp_path / "b"}', '--init_from=resume')
+    interrupt_and_resume(monkeypatch, flags, tmp_path / 'b', at_iter=6, checkpoint_iter=4)
 
     log_a, log_b = read_log(tmp_path / 'a'), read_log(tmp_path / 'b')
     for r in log_a + log_b:
