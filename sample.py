@@ -173,4 +173,4 @@ for i, (depth, _, _) in enumerate(model.level_stats() if n_fed else []):
     parent = f" ({100 * entered[i] / offered[i]:.1f}% of those that reached it)" if depth > 1 and offered[i] else ""
     print(f"{name}: {100 * entered[i] / n_fed:.1f}% of generated tokens entered{parent}")
 if n_levels == 0:
-    print("no subsampled levels (LLaMA baseline structure): every token runs every block")
+    print(f"no subsampled levels (structure {model.config.structure}): every token runs every block")
