@@ -167,11 +167,16 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.kv_cache = None  # set by SubLLM.setup_cache for decoding
 
-    def forward(self, x, cos, sin, cache_ctx=None):
+    def forward(self, x, cos, sin, cache_ctx=None, q_rows=None, kv_rows=None):
+        """q_rows, kv_rows: an EST sub-network's heads, as rows of wq (columns of wo) and of wk/wv. They are sliced
+        out of the weights, so the matmuls really shrink (masking would save nothing); None: every head."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        wq, wk, wv, wo = self.wq.weight, self.wk.weight, self.wv.weight, self.wo.weight
+        if q_rows is not None:
+            wq, wk, wv, wo = wq[q_rows], wk[kv_rows], wv[kv_rows], wo[:, q_rows]
+        q = F.linear(x, wq).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = F.linear(x, wk).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = F.linear(x, wv).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, is_causal = None, True
         if cache_ctx is not None:
@@ -184,7 +189,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, C)
-        return self.wo(y)
+        return F.linear(y, wo)
 
 
 class MLP(nn.Module):
@@ -196,8 +201,12 @@ class MLP(nn.Module):
         self.up = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
         self.down = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
 
-    def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+    def forward(self, x, units=None):
+        """units: an EST sub-network's hidden units (rows of gate and up, columns of down), sliced; None: all."""
+        if units is None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up, down = self.gate.weight[units], self.up.weight[units], self.down.weight[:, units]
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 class Block(nn.Module):
@@ -218,10 +227,17 @@ class Block(nn.Module):
         self.register_buffer('est_units', None, persistent=False)    # SwiGLU hidden units (rows of gate and up)
 
     def forward(self, x, cos, sin, cache_ctx=None):
-        if self.est_q_rows is not None:
-            return est_block_forward(self, x, cos, sin, cache_ctx)
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache_ctx))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        if self.est_q_rows is None:  # the dense block
+            x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache_ctx))
+            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        # an EST sub-network: some heads and units, each branch scaled by 1/p like dropout, so that its output keeps
+        # the dense block's size in expectation; unsampled rows get a zero gradient
+        if cache_ctx is not None:
+            raise ValueError("a sub-network is for training: call set_subnetwork(None) before decoding with a cache")
+        p_heads, p_units = est_fractions(self)
+        attn = self.attn(self.attn_norm(x), cos, sin, None, self.est_q_rows, self.est_kv_rows)
+        x = x + self.dropout(attn * (1 / p_heads))
+        return x + self.dropout(self.mlp(self.mlp_norm(x), self.est_units) * (1 / p_units))
 
 # -----------------------------------------------------------------------------
 # Recurrent block (Kausik, "Scaling Efficient LLMs", arXiv 2402.14746): structure character 'R'
@@ -790,34 +806,6 @@ def est_fractions(block):
         return 1, 1
     heads = block.est_q_rows.numel() / block.attn.wq.weight.size(0)
     return heads, block.est_units.numel() / block.mlp.gate.weight.size(0)
-
-
-def est_block_forward(block, x, cos, sin, cache_ctx=None):
-    """The block with only its EST sub-network: the kept rows of wq/wk/wv/gate/up and the matching columns of
-    wo/down are sliced out of the weights (smaller matmuls: the FLOPs really drop; masking would save none), and
-    each branch is scaled by 1/p like dropout, so that its output keeps the dense block's size in expectation.
-    Unsampled rows get a zero gradient. With every head and unit kept this is exactly the dense block.
-    x (B, T, C) -> (B, T, C)."""
-    if cache_ctx is not None:
-        raise ValueError("a sub-network is for training: call set_subnetwork(None) before decoding with a cache")
-    attn, mlp = block.attn, block.mlp
-    B, T, _ = x.shape
-    p_heads, p_units = est_fractions(block)
-    h = block.attn_norm(x)
-    q = F.linear(h, attn.wq.weight[block.est_q_rows]).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, h, T, D)
-    k = F.linear(h, attn.wk.weight[block.est_kv_rows]).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, g, T, D)
-    v = F.linear(h, attn.wv.weight[block.est_kv_rows]).view(B, T, -1, attn.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if q.size(1) != k.size(1):  # grouped-query attention: each kept group's K/V serves its query heads
-        q_per_group = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(q_per_group, dim=1), v.repeat_interleave(q_per_group, dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=attn.dropout if attn.training else 0.0)
-    y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, h * D)
-    x = x + block.dropout(F.linear(y, attn.wo.weight[:, block.est_q_rows]) * (1 / p_heads))
-    h = block.mlp_norm(x)
-    gate = F.linear(h, mlp.gate.weight[block.est_units])  # (B, T, kept units)
-    up = F.linear(h, mlp.up.weight[block.est_units])
-    return x + block.dropout(F.linear(F.silu(gate) * up, mlp.down.weight[:, block.est_units]) * (1 / p_units))
 
 
 def est_kept(p, n):
