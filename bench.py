@@ -23,7 +23,6 @@ its level before the measurement) on CPU. Every global in the first section is a
 """
 import ctypes
 import gc
-import math
 import os
 import sys
 import time
@@ -234,9 +233,7 @@ def training_keep(model, T):
     the fixed capacity of threshold selection (padding included)."""
     lengths = {0: T}
     for level in model.levels():  # pre-order: a level comes before the levels inside it
-        t = lengths[level.depth - 1]
-        topk = config.selection == 'topk'
-        lengths[level.depth] = math.ceil(level.keep_ratio * t) if topk else level.capacity(t)
+        lengths[level.depth] = level.training_length(lengths[level.depth - 1])
     return [lengths[d] / lengths[d - 1] for d in sorted(lengths) if d > 0]
 
 

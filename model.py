@@ -234,10 +234,17 @@ class Block(nn.Module):
         # the dense block's size in expectation; unsampled rows get a zero gradient
         if cache_ctx is not None:
             raise ValueError("a sub-network is for training: call set_subnetwork(None) before decoding with a cache")
-        p_heads, p_units = est_fractions(self)
+        p_heads, p_units = self.est_fractions()
         attn = self.attn(self.attn_norm(x), cos, sin, None, self.est_q_rows, self.est_kv_rows)
         x = x + self.dropout(attn * (1 / p_heads))
         return x + self.dropout(self.mlp(self.mlp_norm(x), self.est_units) * (1 / p_units))
+
+    def est_fractions(self):
+        """(fraction of the attention heads, fraction of the SwiGLU units) the block runs: p_heads and p_units."""
+        if self.est_q_rows is None:
+            return 1, 1
+        heads = self.est_q_rows.numel() / self.attn.wq.weight.size(0)
+        return heads, self.est_units.numel() / self.mlp.gate.weight.size(0)
 
 # -----------------------------------------------------------------------------
 # Recurrent block (Kausik, "Scaling Efficient LLMs", arXiv 2402.14746): structure character 'R'
@@ -262,10 +269,10 @@ class RecurrentBlock(nn.Module):
     readout recomputes the state half's keys and values; what it buys is a shorter sequential chain.)
     Two choices differ from the author's code: a_0 = 0 (the code adds alpha * X_0 at the first step), and the last
     window's readout gets its a_last like every other (the code leaves it out), so that a window's output does not
-    depend on whether more windows follow, which cached decoding needs. Positions are window-local RoPE only (the
-    2026 code adds absolute position embeddings; the June 2025 note's variant without them was slightly better).
+    depend on whether more windows follow, which cached decoding needs.
 
-    RoPE positions are local to the window: the state half at 0..w-1, the new tokens at w..2w-1 (the first window
+    RoPE positions are local to the window (the 2026 code adds absolute position embeddings; the June 2025 note's
+    variant without them was slightly better): the state half at 0..w-1, the new tokens at w..2w-1 (the first window
     too, as after an empty state), the readout at 0..w-1. No absolute position enters: the model sees at most 2w
     positions, which is why it runs on any length. A short last window needs no padding: causality makes the result
     the same as for a padded one. Gradients flow through the whole chain of windows (backpropagation through time).
@@ -528,9 +535,12 @@ class Level(nn.Module):
         cut = torch.where(rows, (above + below) / 2, 0.0)
         self.score_offset.add_(momentum * cut.sum() / rows.sum().clamp(min=1))
 
-    def capacity(self, T):
-        """Threshold selection's fixed short length for an input of T tokens: keep * T * (1 + slack). The slack is
+    def training_length(self, T):
+        """The short sequence's length in training, for an input of T tokens (static: it depends on T only).
+        Top-k: ceil(keep * T). Threshold: a fixed capacity of keep * T * (1 + slack), padding included. The slack is
         added once, at depth 1: an inner level's input is its parent's capacity, which carries it already."""
+        if self.selection == 'topk':
+            return math.ceil(self.keep_ratio * T)
         slack = self.capacity_slack if self.depth == 1 else 0.0
         return min(T, math.ceil(self.keep_ratio * T * (1 + slack)))
 
@@ -557,7 +567,7 @@ class Level(nn.Module):
                 kept, counts = None, None
                 selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, idx, True)
             else:
-                idx, weights, kept, counts, selected = subsample_threshold(scores, valid, self.capacity(x.size(1)))
+                idx, weights, kept, counts, selected = subsample_threshold(scores, valid, self.training_length(x.size(1)))
             self.count_training_selection(scores, selected, valid)
         else:
             idx, weights, kept, counts, _ = subsample_threshold(scores, valid)
@@ -671,7 +681,7 @@ class SubLLM(nn.Module):
             for layer in stack.layers:
                 if isinstance(layer, Block):
                     if not layer.est_skip:  # with an EST sub-network: only the heads and units it runs
-                        total += block_flops(t, *est_fractions(layer))  # fractions 1, 1 for the dense block
+                        total += block_flops(t, *layer.est_fractions())  # fractions 1, 1 for the dense block
                 elif isinstance(layer, RecurrentBlock):  # the block on each window as RecurrentBlock.recur runs it
                     w = layer.window
                     sizes = [min(w, t - start) for start in range(0, t, w)]  # the windows; the last may be shorter
@@ -679,12 +689,7 @@ class SubLLM(nn.Module):
                     total += sum(block_flops(w + n) for n in sizes[1:])            # [Y; H] = T([H; X]): w + n wide
                     total += block_flops(sizes[-1])                                # the last window's readout
                 else:
-                    if keep is not None:
-                        t_inner = keep[layer.depth - 1] * t
-                    elif cfg.selection == 'threshold':
-                        t_inner = layer.capacity(t)  # the padding slots run through the blocks too
-                    else:
-                        t_inner = math.ceil(layer.keep_ratio * t)
+                    t_inner = layer.training_length(t) if keep is None else keep[layer.depth - 1] * t
                     total += 2 * t * cfg.n_embd + stack_flops(layer.inner, t_inner)  # scorer + inner blocks
             return total
         return stack_flops(self.stack, T) + 2 * T * cfg.n_embd * cfg.vocab_size
@@ -798,14 +803,6 @@ class SubLLM(nn.Module):
             block.est_q_rows = (heads[:, None] * head_dim + dims).flatten()  # (kept heads * D,)
             block.est_kv_rows = (groups[:, None] * head_dim + dims).flatten()  # (kept groups * D,)
             block.est_units = units
-
-
-def est_fractions(block):
-    """(fraction of the attention heads, fraction of the SwiGLU units) a block runs: p_heads and p_units."""
-    if block.est_q_rows is None:
-        return 1, 1
-    heads = block.est_q_rows.numel() / block.attn.wq.weight.size(0)
-    return heads, block.est_units.numel() / block.mlp.gate.weight.size(0)
 
 
 def est_kept(p, n):
