@@ -29,6 +29,10 @@ class SubLLMConfig:
     keep_ratio: float = 0.64        # fraction of the parent's tokens a level keeps: one float, or a tuple per depth
     selection: str = 'topk'         # training-time selection: 'topk' (the paper) or 'threshold' (score > 0, causal)
     capacity_slack: float = 0.25    # threshold: a level has room for keep * T * (1 + slack) tokens (static shapes)
+    # Three choices of ours that the paper does not make (README, deviations), switchable for the quality ablations
+    scorer_norm: bool = True        # the scorer reads rms_norm(x); False: the raw residual stream x (the paper)
+    balancer: str = 'strong'        # 'strong': count gain 10, task gradient's common mode removed; 'spec': gain 0.04
+    running_cut: bool = True        # subtract a running average of the top-k cut from the scores (Level.track_cut)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -64,6 +68,8 @@ class SubLLMConfig:
                 raise ValueError(f"keep_ratio {r} must be in (0, 1]")
         if self.selection not in ('topk', 'threshold'):
             raise ValueError(f"selection must be 'topk' or 'threshold', got {self.selection!r}")
+        if self.balancer not in ('strong', 'spec'):
+            raise ValueError(f"balancer must be 'strong' or 'spec', got {self.balancer!r}")
         if self.capacity_slack < 0:
             raise ValueError(f"capacity_slack must be >= 0, got {self.capacity_slack}")
         if self.rec_window < 1:
@@ -350,10 +356,12 @@ class Balancer(torch.autograd.Function):
     SIZE_GAIN = 0.04  # the spec's gain, for keeping mean |score| in [1, 4]
 
     @staticmethod
-    def forward(ctx, scores, keep_ratio, prob, valid=None):
-        """valid (B, T) bool or None: the real tokens, where a level's input is padded (threshold selection)."""
+    def forward(ctx, scores, keep_ratio, prob, valid=None, spec=False):
+        """valid (B, T) bool or None: the real tokens, where a level's input is padded (threshold selection).
+        spec: the spec's Balancer instead (Zipformer's: count push up to SIZE_GAIN outside keep +- 0.05, the task
+        gradient as it is), for the quality ablation."""
         ctx.save_for_backward(scores, prob, valid)
-        ctx.keep_ratio = keep_ratio
+        ctx.keep_ratio, ctx.spec = keep_ratio, spec
         return scores.view_as(scores)
 
     @staticmethod
@@ -364,16 +372,21 @@ class Balancer(torch.autograd.Function):
         n_real = real.sum().clamp(min=1)
         positive = (scores > 0).float() * real
         frac_positive, mean_abs = positive.sum() / n_real, (scores.abs() * real).sum() / n_real
-        count_push = ((keep - frac_positive) * Balancer.COUNT_GAIN).clamp(-1, 1)  # > 0: too few positive scores
         g = Balancer.SIZE_GAIN
+        if ctx.spec:  # Zipformer: linear in the distance outside [keep - 0.05, keep + 0.05], at most g
+            lo, hi = max(keep - 0.05, 1e-3), min(keep + 0.05, 1 - 1e-3)
+            count_push = g * ((lo - frac_positive).clamp(min=0) / lo - (frac_positive - hi).clamp(min=0) / (1 - hi))
+        else:
+            count_push = ((keep - frac_positive) * Balancer.COUNT_GAIN).clamp(-1, 1)  # > 0: too few positive scores
         size_push = ((1.0 - mean_abs) * g).clamp(0, g) - ((mean_abs - 4.0) * g / 4.0).clamp(0, g)  # |s| into [1, 4]
         direction = (count_push + size_push * (positive - 0.5)) * real  # (B, T), > 0 means: make this score larger
         reached = (grad != 0).float()  # tokens the task gradient reaches (near the top-k cut)
         n_reached = reached.sum().clamp(min=1)
         grad_size = grad.abs().sum() / n_reached
-        grad = grad - grad.sum() / n_reached * reached  # the task gradient, without its common mode
+        if not ctx.spec:
+            grad = grad - grad.sum() / n_reached * reached  # the task gradient, without its common mode
         apply = (torch.rand((), device=grad.device) < prob).float()
-        return grad - apply * direction * grad_size, None, None, None
+        return grad - apply * direction * grad_size, None, None, None, None
 
 
 class LimitParamValue(torch.autograd.Function):
@@ -505,6 +518,8 @@ class Level(nn.Module):
         super().__init__()
         self.depth, self.keep_ratio = depth, config.keep_ratio_at(depth)
         self.selection, self.capacity_slack = config.selection, config.capacity_slack
+        self.scorer_norm, self.balancer_spec, self.running_cut = (config.scorer_norm, config.balancer == 'spec',
+                                                                  config.running_cut)
         self.scorer = nn.Linear(config.n_embd, 1, bias=False)
         self.register_buffer('balancer_prob', torch.tensor(1.0), persistent=False)  # set_step: 1.0 -> 0.25
         self.register_buffer('score_offset', torch.tensor(0.0))  # running top-k cut, saved: inference needs it
@@ -558,10 +573,12 @@ class Level(nn.Module):
         # the Balancer work, instead of ~0.01 after a 0.02-std embedding.
         # The running offset (below) centres the scores on the top-k cut, so `score > 0` keeps ~keep_ratio.
         # With selection='threshold' training keeps `score > 0` too, in a fixed capacity: causal, like decoding.
-        scores = self.scorer(F.rms_norm(x, (x.size(-1),))).squeeze(-1).float() - self.score_offset
+        scorer_input = F.rms_norm(x, (x.size(-1),)) if self.scorer_norm else x
+        scores = self.scorer(scorer_input).squeeze(-1).float() - self.score_offset
         if self.training:
-            self.track_cut(scores, valid)
-            scores = Balancer.apply(scores, self.keep_ratio, self.balancer_prob, valid)
+            if self.running_cut:
+                self.track_cut(scores, valid)
+            scores = Balancer.apply(scores, self.keep_ratio, self.balancer_prob, valid, self.balancer_spec)
             if self.selection == 'topk':
                 idx, weights = subsample_topk(scores, self.keep_ratio)  # (B, k), k = ceil(keep * T)
                 kept, counts = None, None

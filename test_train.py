@@ -20,8 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, 'train.py')
 TINY = ['--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=4', '--eval_iters=2', '--log_interval=1',
         '--warmup_iters=0', '--device=cpu', '--compile=False', '--structure=TT(T(T)T)T']
-CKPT_KEYS = {'model', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'config', 'meta', 'rng',
-             'train_seconds'}
+CKPT_KEYS = {'model', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'flops', 'config', 'meta',
+             'rng', 'train_seconds'}
 
 
 def make_data(root, train, val, vocab_size=64):
@@ -85,7 +85,7 @@ def test_loss_falls_on_a_repeated_batch_and_checkpoint_has_what_sample_needs(mon
     assert [r['iter'] for r in log] == [0, 10, 20, 30]
     assert log[-1]['train_loss'] < 0.5 * log[0]['train_loss']  # it memorises the batch
     assert log[-1]['tokens'] == 30 * 4 * 32
-    fields = {'iter', 'tokens', 'time_s', 'lr', 'train_loss', 'val_loss'}
+    fields = {'iter', 'tokens', 'time_s', 'flops', 'lr', 'train_loss', 'val_loss'}
     if structure == 'TTTTTT':  # the LLaMA baseline: same script, no levels
         assert set(log[-1]) == fields
     else:

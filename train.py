@@ -19,8 +19,8 @@ threshold in its fixed capacity), kept (the fraction of its parent's tokens a le
 mode), agree (the fraction of tokens on which the training-time selection picks as `score > 0` does, on those val
 batches) and dropped (in the training steps since the last eval, the fraction of a level's tokens with a positive
 score that the training selection skipped: below the top-k cut, or past the capacity).
-With --est=True also stage, flops (training FLOPs spent so far: 3x the forward FLOPs of each step's sub-network)
-and flops_dense (the same for dense training).
+flops: the training FLOPs spent so far (3x the forward FLOPs of each step, counted as model.forward_flops does:
+each block with the tokens it sees). With --est=True also stage and flops_dense (what dense training spends).
 out_dir/ckpt.pt holds everything to resume or to sample.
 """
 import json
@@ -73,6 +73,9 @@ structure = 'TT(TT(TT)TT)TT'    # T = a block, ( ) = a subsampled level; no pare
 keep_ratio = 0.64               # fraction of its parent's tokens a level keeps; a tuple gives one per depth
 selection = 'topk'              # training-time selection: 'topk' (the paper) or 'threshold' (score > 0, causal)
 capacity_slack = 0.25           # threshold: room for keep * T * (1 + slack) tokens per level; the rest skip
+scorer_norm = True              # the scorer reads rms_norm(x); False: the raw x, as the paper (an ablation)
+balancer = 'strong'             # 'strong' (ours, README) or 'spec' (Zipformer's gain 0.04; an ablation)
+running_cut = True              # subtract the running top-k cut from the scores; False: an ablation
 rope_theta = 10000.0
 norm_eps = 1e-5
 tie_embeddings = False
@@ -96,7 +99,8 @@ min_lr = 1e-4
 device = 'auto'                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'                  # 'auto' (bfloat16 if the GPU has it, else float16; float32 on CPU) or one of those
 compile = True                  # torch.compile on CUDA; on CPU only when given explicitly (it takes minutes there)
-seed = 1337
+seed = 1337                     # initial weights, training batches, dropout
+eval_seed = 1337                # the eval batches: kept apart from seed, so that runs of any seed are scored alike
 # Evolving Subnetwork Training (EST, arXiv 2406.06962; README): each step trains a random sub-network, in 3 stages.
 # Stage 1, iters [0, est_stage1_end * max_iters): some blocks run, each with some of its heads and SwiGLU units.
 # Stage 2, until est_stage2_end * max_iters: every block runs, still with some of its heads and units.
@@ -236,7 +240,8 @@ if init_from == 'scratch':
     model_args = dict(vocab_size=64 * math.ceil(meta['vocab_size'] / 64),  # a multiple of 64 is faster (50257 -> 50304)
                       block_size=block_size, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head or None,
                       ffn_hidden=ffn_hidden or None, structure=structure, keep_ratio=keep_ratio, selection=selection,
-                      capacity_slack=capacity_slack, rope_theta=rope_theta,
+                      capacity_slack=capacity_slack, scorer_norm=scorer_norm, balancer=balancer,
+                      running_cut=running_cut, rope_theta=rope_theta,
                       norm_eps=norm_eps, tie_embeddings=tie_embeddings, dropout=dropout,
                       bypass_schedule_steps=bypass_schedule_steps, balancer_schedule_steps=balancer_schedule_steps,
                       rec_window=rec_window, rec_alpha=rec_alpha, rec_learn_alpha=rec_learn_alpha)
@@ -424,7 +429,7 @@ def estimate_loss():
     offsets = [level.score_offset.clone() for level in levels]  # a train-mode forward moves them: put them back
     with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):  # leave training's RNG alone
         for split in ('train', 'val'):
-            generator = torch.Generator().manual_seed(seed + 1_000_003 + (split == 'val'))  # not a rank's seed
+            generator = torch.Generator().manual_seed(eval_seed + 1_000_003 + (split == 'val'))
             losses, losses_train_selection = torch.zeros(eval_iters), torch.zeros(eval_iters)
             raw_model.reset_level_stats()
             for k in range(eval_iters):
@@ -496,10 +501,9 @@ while True:
                                  f"checkpoint (if any) is kept in {ckpt_path}; try a lower --learning_rate")
             if not eval_only:
                 record = dict(iter=iter_num, tokens=iter_num * tokens_per_iter, time_s=round(train_seconds, 3),
-                              lr=lr, **losses)
-                if est:  # training FLOPs spent so far (3x forward of what ran), and what dense training spends
-                    record.update(stage=est_stage(iter_num), flops=flops_spent,
-                                  flops_dense=iter_num * flops_per_iter_dense)
+                              flops=flops_spent, lr=lr, **losses)
+                if est:  # the FLOPs that dense training would have spent
+                    record.update(stage=est_stage(iter_num), flops_dense=iter_num * flops_per_iter_dense)
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(record) + '\n')
             improved = losses['val_loss'] < best_val_loss
@@ -516,9 +520,8 @@ while True:
                     'meta': meta,
                     'rng': all_states,
                     'train_seconds': train_seconds,
+                    'flops': flops_spent,
                 }
-                if est:
-                    checkpoint['flops'] = flops_spent
                 print(f"saving checkpoint to {ckpt_path}")
                 torch.save(checkpoint, ckpt_path + '.tmp')  # write, then rename: a crash never leaves half a file
                 os.replace(ckpt_path + '.tmp', ckpt_path)
@@ -532,6 +535,8 @@ while True:
     if est:  # this step's sub-network, for all its micro-steps (stage 3: None, the full model), and its FLOPs
         raw_model.set_subnetwork(est_subnetwork(iter_num))
         flops_spent += 3 * raw_model.forward_flops(block_size) * (tokens_per_iter // block_size)
+    else:
+        flops_spent += flops_per_iter_dense
     try:
         for micro_step in range(gradient_accumulation_steps):
             X, Y = get_batch('train', train_gen)
