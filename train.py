@@ -23,6 +23,7 @@ flops: the training FLOPs spent so far (3x the forward FLOPs of each step, count
 each block with the tokens it sees). With --est=True also stage and flops_dense (what dense training spends).
 out_dir/ckpt.pt holds everything to resume or to sample.
 """
+import gc
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import random
 import sys
 import time
 import types
+import warnings
 from ast import literal_eval
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -188,7 +190,8 @@ if ddp:
     if device_type == 'cuda':
         device = f'cuda:{ddp_local_rank}'
         torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+    # the process group is made just before DDP wraps the model: an error in the settings, data or checkpoint
+    # before it ends every rank on its own, as in a single process
 else:
     ddp_rank, ddp_world_size = 0, 1
 master_process = ddp_rank == 0  # only rank 0 logs, evaluates and saves
@@ -336,13 +339,6 @@ if use_compile:
             model = torch.compile(model)
     except RuntimeError as e:  # e.g. a Python version that this torch's compiler does not support yet
         raise SystemExit(f"torch.compile failed ({str(e).strip().splitlines()[0]}): run with --compile=False") from None
-if ddp:
-    # the buffers (RoPE tables, schedule values) are the same on every rank: no need to broadcast them each step
-    # with EST, the skipped blocks' parameters get no gradient in a step: find_unused_parameters lets DDP finish the
-    # reduction without them (it costs a walk over the autograd graph each step, so only when EST is on)
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False,
-                find_unused_parameters=est)
-
 # Evolving Subnetwork Training: the sub-network of each step, and the training FLOPs it spends
 if est and 'R' in raw_model.config.structure:
     raise SystemExit("--est=True does not support recurrent blocks ('R' in the structure): train it without est")
@@ -352,6 +348,29 @@ if est and not 0 <= est_stage1_end <= est_stage2_end <= 1:
 if est and not all(0 < p <= 1 for p in (est_p_heads, est_p_units, est_p_layers)):
     raise SystemExit(f"est_p_heads, est_p_units and est_p_layers must be in (0, 1], got {est_p_heads}, "
                      f"{est_p_units} and {est_p_layers}")
+if ddp:
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+    # torch 2.13 deprecates broadcast_buffers but asks to keep it where buffers are rank-local (score_offset is)
+    warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
+    # the buffers (RoPE tables, schedule values) are the same on every rank: no need to broadcast them each step
+    # with EST, the skipped blocks' parameters get no gradient in a step: find_unused_parameters lets DDP finish the
+    # reduction without them (it costs a walk over the autograd graph each step, so only when EST is on)
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False,
+                find_unused_parameters=est)
+
+
+def leave(message=None):
+    """End the run on every rank at once; all ranks call it at the same point. No rank tears the process group down
+    while another can still use it (gloo aborts a rank that does: "terminate called without an active exception").
+    With a message, every rank exits 1 and rank 0 prints it (one line)."""
+    global model
+    if ddp:
+        model = None  # free the DDP wrapper (its reducer holds gloo work) while the interpreter is whole: freed at
+        gc.collect()  # exit instead, it aborted a rank ("terminate called without an active exception") 1 run in 6
+        dist.barrier()
+        dist.destroy_process_group()
+    if message:
+        raise SystemExit(message if master_process else 1)
 flops_per_iter_dense = 3 * raw_model.forward_flops(block_size) * (tokens_per_iter // block_size)  # bwd = 2x fwd
 flops_spent = 0.0 if checkpoint is None else checkpoint.get('flops', iter_num * flops_per_iter_dense)
 
@@ -477,6 +496,7 @@ while True:
         param_group['lr'] = lr
 
     if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at):
+        stop = None  # set by rank 0 when the eval loss is not finite
         all_states = [rng_state()]
         if ddp:  # every rank's random states go into the checkpoint, so that every rank resumes exactly
             all_states = [None] * ddp_world_size
@@ -497,9 +517,9 @@ while True:
                     line += f", {name} " + ' '.join(f"d{lv.depth} {v:.3f}" for lv, v in zip(levels, losses[name]))
             print(line, flush=True)
             if not all(map(math.isfinite, [losses['train_loss'], losses['val_loss']])):
-                raise SystemExit(f"the eval loss is not finite at iter {iter_num}: stopping; the last good "
-                                 f"checkpoint (if any) is kept in {ckpt_path}; try a lower --learning_rate")
-            if not eval_only:
+                stop = (f"the eval loss is not finite at iter {iter_num}: stopping; the last good checkpoint (if "
+                        f"any) is kept in {ckpt_path}; try a lower --learning_rate")
+            if stop is None and not eval_only:
                 record = dict(iter=iter_num, tokens=iter_num * tokens_per_iter, time_s=round(train_seconds, 3),
                               flops=flops_spent, lr=lr, **losses)
                 if est:  # the FLOPs that dense training would have spent
@@ -508,7 +528,8 @@ while True:
                     f.write(json.dumps(record) + '\n')
             improved = losses['val_loss'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val_loss'])
-            if iter_num > 0 and not eval_only and (improved or always_save_checkpoint or iter_num == max_iters):
+            if stop is None and iter_num > 0 and not eval_only and (improved or always_save_checkpoint
+                                                                     or iter_num == max_iters):
                 checkpoint = {
                     'model': raw_model.state_dict(),
                     'optimizer': optimizer.state_dict(),
@@ -527,6 +548,12 @@ while True:
                 os.replace(ckpt_path + '.tmp', ckpt_path)
                 checkpoint = None
             t0 = t_train = time.time()
+        if ddp:  # rank 0 tells every rank whether its eval stopped the run
+            flag = [stop]
+            dist.broadcast_object_list(flag, src=0)
+            stop = flag[0]
+        if stop:
+            leave(stop)
     if eval_only or iter_num >= max_iters:
         break
 
@@ -559,9 +586,13 @@ while True:
 
     if iter_num % log_interval == 0:
         lossf = loss.item() * gradient_accumulation_steps  # the last micro-step's loss; .item() waits for the GPU
+        if ddp:  # its mean over the ranks: a rank whose loss is not finite stops them all, together
+            lossf_all = torch.tensor(lossf, device=device)
+            dist.all_reduce(lossf_all)
+            lossf = lossf_all.item() / ddp_world_size
         if not math.isfinite(lossf):
-            raise SystemExit(f"loss is {lossf} at iter {iter_num}: stopping; the last good checkpoint (if any) is kept "
-                             f"in {ckpt_path}; try a lower --learning_rate or --grad_clip")
+            leave(f"loss is {lossf} at iter {iter_num}: stopping; the last good checkpoint (if any) is kept in "
+                  f"{ckpt_path}; try a lower --learning_rate or --grad_clip")
     t1 = time.time()
     dt, t0 = t1 - t0, t1
     if iter_num % log_interval == 0 and master_process:
@@ -575,5 +606,4 @@ while True:
     iter_num += 1
     local_iter_num += 1
 
-if ddp:
-    dist.destroy_process_group()
+leave()  # every rank, after rank 0's last eval and checkpoint
