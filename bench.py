@@ -33,7 +33,9 @@ from json import dump
 import torch
 from tqdm import tqdm
 
-from model import SubLLM, SubLLMConfig, Level, gpu_peak_flops, llama_twin
+from configurator import configure
+from flops import forward_flops, gpu_peak_flops
+from model import SubLLM, SubLLMConfig, Level, llama_twin
 
 PAPER = 'TTTTT(TTTTT(TTTT)TTTTT)TTTTT'  # 24 blocks, two nested levels (SUBLLM.md §2)
 PRESETS = {  # the paper's two sizes and a tiny one for a CPU
@@ -44,46 +46,47 @@ PRESETS = {  # the paper's two sizes and a tiny one for a CPU
     '1300m': dict(n_embd=2048, n_head=16, ffn_hidden=5504, vocab_size=32000, structure=PAPER,
                   seq_lens='2048,4096,8192', tokens_per_batch=8192),
 }
+GPU_DEFAULTS = dict(decode_batch=8, decode_tokens=64, warmup=3, iters=10, dtype='bfloat16', compile=True)
 # -----------------------------------------------------------------------------
-# settings: device and preset decide the other defaults, so they are read first
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device = next((a[9:] for a in sys.argv[1:] if a.startswith('--device=')), device)
-gpu = device.startswith('cuda')
-preset = next((a[9:] for a in sys.argv[1:] if a.startswith('--preset=')), '250m' if gpu else 'tiny')
-if preset not in PRESETS:
-    sys.exit(f"bench.py: unknown --preset={preset}; choose one of {', '.join(PRESETS)}")
-n_embd = n_head = ffn_hidden = vocab_size = tokens_per_batch = 0
-structure = seq_lens = ''
-globals().update(PRESETS[preset])  # n_embd, n_head, ffn_hidden, vocab_size, structure, seq_lens, tokens_per_batch
+device = 'auto'                    # 'auto' (cuda if available, else cpu), 'cpu', 'cuda'
+preset = 'auto'                    # tiny, 250m or 1300m: the dims, structure, lengths below; auto: 250m on a GPU,
+                                   # tiny on a CPU. A setting given explicitly wins over the preset's
+n_embd = 0                         # 0 (and '' below): the preset's value
+n_head = 0
+ffn_hidden = 0
+vocab_size = 0
+structure = ''                     # T = a block, ( ) = a subsampled level, R = a recurrent block
+seq_lens = ''                      # context lengths to measure, comma separated
+tokens_per_batch = 0               # train and prefill: batch = tokens_per_batch // seq_len (at least 1)
 n_kv_head = 0                      # 0: same as n_head (no grouped-query attention)
-keep_ratio = '0.64'                # one float, or one per level depth, comma separated
+keep_ratio = 0.64                  # one float, or a tuple with one per level depth
 selection = 'topk'                 # training-time selection: 'topk' or 'threshold' (fixed capacity, see model.py)
 capacity_slack = 0.25              # threshold: room for keep * T * (1 + slack) tokens per level
 rec_window = 16                    # tokens per window of the recurrent blocks ('R' in the structure)
 batch_size = 0                     # train and prefill: 0 means tokens_per_batch // seq_len (at least 1)
-decode_batch = 8 if gpu else 4     # decode is measured at batch 1 and at this batch
-decode_tokens = 64 if gpu else 32  # timed decode steps after the prompt (half the length) is prefilled
-modes = 'train,prefill,decode'
-warmup = 3 if gpu else 1           # untimed iterations first (compilation, allocator, lazy optimizer state)
-iters = 10 if gpu else 3           # timed iterations
-dtype = 'bfloat16' if gpu else 'float32'  # 'float32' (no autocast), or autocast to 'bfloat16' / 'float16'
-compile = gpu                      # torch.compile the train and prefill forwards (decode runs eagerly)
+decode_batch = 4                   # decode is measured at batch 1 and at this batch (8 on a GPU)
+decode_tokens = 32                 # timed decode steps after the prompt (half the length) is prefilled (64 on GPU)
+modes = 'train,prefill,decode'     # what to measure, comma separated
+warmup = 1                         # untimed iterations first (compilation, allocator, lazy optimizer state; 3 on GPU)
+iters = 3                          # timed iterations (10 on a GPU)
+dtype = 'float32'                  # 'float32' (no autocast), or autocast to 'bfloat16' (the GPU default) / 'float16'
+compile = False                    # torch.compile the train and prefill forwards (decode runs eagerly; True on GPU)
 threads = 1                        # CPU: torch threads, 0 = torch's default (one per core). A tiny model gains
                                    # little from more, and they slow each other down badly on a busy machine
 init_from = ''                     # a train.py out_dir: its ckpt.pt gives the dims and the (trained) scorers
 json = ''                          # write one record per measurement to this path
 seed = 1337
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))
-               and k not in ('gpu', 'PAPER')]
-for arg in sys.argv[1:]:
-    key, eq, val = arg[2:].partition('=')
-    if not arg.startswith('--') or not eq or key not in config_keys:
-        sys.exit(f"bench.py: bad argument {arg!r}; use --key=value with key one of: {', '.join(config_keys)}")
-    default = globals()[key]
-    try:
-        globals()[key] = val.lower() in ('1', 'true', 'yes') if isinstance(default, bool) else type(default)(val)
-    except ValueError:
-        sys.exit(f"bench.py: --{key} expects {type(default).__name__}, got {val!r}")
+user_keys = configure(globals(), tuples=('keep_ratio',))  # --key=value, or a config file (configurator.py)
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+gpu = device.startswith('cuda')
+if preset == 'auto':
+    preset = '250m' if gpu else 'tiny'
+if preset not in PRESETS:
+    sys.exit(f"bench.py: unknown --preset={preset}; choose one of {', '.join(PRESETS)}")
+for key, value in {**PRESETS[preset], **(GPU_DEFAULTS if gpu else {})}.items():
+    if key not in user_keys:  # the preset's and the GPU's defaults, under what was given explicitly
+        globals()[key] = value
 # -----------------------------------------------------------------------------
 
 torch.manual_seed(seed)
@@ -109,10 +112,9 @@ if init_from:
     subllm.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
     del ckpt
 else:
-    ratios = tuple(float(r) for r in keep_ratio.split(','))
     config = SubLLMConfig(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd, n_head=n_head,
                           n_kv_head=n_kv_head or None, ffn_hidden=ffn_hidden, structure=structure,
-                          keep_ratio=ratios[0] if len(ratios) == 1 else ratios, selection=selection,
+                          keep_ratio=keep_ratio, selection=selection,
                           capacity_slack=capacity_slack, rec_window=rec_window)
     subllm = SubLLM(config)
 models = {'llama': SubLLM(llama_twin(config)).to(device), 'subllm': subllm.to(device)}
@@ -225,7 +227,7 @@ def run_train(name, tokens, B, T):
         opt.step()
         opt.zero_grad(set_to_none=True)
     dt = seconds_per_call(step)
-    return dt, B * T, 3 * B * model.forward_flops(T), training_keep(model, T), len(model.blocks())  # bwd = 2x fwd
+    return dt, B * T, 3 * B * forward_flops(model, T), training_keep(model, T), len(model.blocks())  # bwd = 2x fwd
 
 
 def training_keep(model, T):
@@ -248,7 +250,7 @@ def run_prefill(name, tokens, B, T):
         with ctx:
             forward(x)
     dt, keep = seconds_per_call(prefill), keep_fractions(model.level_stats())
-    flops = model.forward_flops(T, keep) - 2 * (T - 1) * config.n_embd * config.vocab_size  # logits: last position
+    flops = forward_flops(model, T, keep) - 2 * (T - 1) * config.n_embd * config.vocab_size  # logits: last position
     return dt, B * T, B * flops, keep, len(model.blocks())
 
 
@@ -281,7 +283,7 @@ def run_decode(name, tokens, B, T):
     blocks = own_blocks(model.stack) + inner / n_tokens
     # FLOPs per decoded token: the cost model's marginal cost of tokens P+1..P+N (weights + attention over the cache)
     keep = keep_fractions(stats)
-    flops = (model.forward_flops(P + decode_tokens, keep) - model.forward_flops(P, keep)) / decode_tokens
+    flops = (forward_flops(model, P + decode_tokens, keep) - forward_flops(model, P, keep)) / decode_tokens
     return elapsed / (iters * decode_tokens), B, B * flops, keep, blocks
 
 
@@ -335,7 +337,7 @@ print(f"{label} {config.structure} keep {config.keep_ratio} ({config.selection} 
       + f", n_embd {config.n_embd}, n_head {config.n_head}, "
       f"ffn {config.ffn_hidden}, vocab {config.vocab_size}: {n_params['subllm'] / 1e6:.1f}M params "
       f"(LLaMA twin {n_params['llama'] / 1e6:.1f}M), "
-      f"{'scorers from ' + init_from if init_from else 'random weights, score offsets set to keep ' + keep_ratio}")
+      f"{'scorers from ' + init_from if init_from else 'random weights, score offsets set to keep ' + str(keep_ratio)}")
 records = []
 pbar = tqdm(total=2 * len(jobs), desc='bench', unit='run')
 for mode, T, B in jobs:

@@ -63,19 +63,14 @@ class SubLLMConfig:
         if len(ratios) < depth:
             raise ValueError(f"keep_ratio {self.keep_ratio} has {len(ratios)} values but the structure has "
                              f"{depth} nested levels: give one float, or one per level")
-        for r in ratios:
-            if not 0.0 < r <= 1.0:
-                raise ValueError(f"keep_ratio {r} must be in (0, 1]")
-        if self.selection not in ('topk', 'threshold'):
-            raise ValueError(f"selection must be 'topk' or 'threshold', got {self.selection!r}")
-        if self.balancer not in ('strong', 'spec'):
-            raise ValueError(f"balancer must be 'strong' or 'spec', got {self.balancer!r}")
-        if self.capacity_slack < 0:
-            raise ValueError(f"capacity_slack must be >= 0, got {self.capacity_slack}")
-        if self.rec_window < 1:
-            raise ValueError(f"rec_window={self.rec_window} must be at least 1")
-        if not 0.0 <= self.rec_alpha <= 1.0:
-            raise ValueError(f"rec_alpha={self.rec_alpha} must be in [0, 1] (0 is the forget variant)")
+        for ok, message in [(all(0.0 < r <= 1.0 for r in ratios), f"keep_ratio {self.keep_ratio} must be in (0, 1]"),
+                            (self.selection in ('topk', 'threshold'), "selection must be 'topk' or 'threshold'"),
+                            (self.balancer in ('strong', 'spec'), "balancer must be 'strong' or 'spec'"),
+                            (self.capacity_slack >= 0, f"capacity_slack must be >= 0, got {self.capacity_slack}"),
+                            (self.rec_window >= 1, f"rec_window={self.rec_window} must be at least 1"),
+                            (0.0 <= self.rec_alpha <= 1.0, f"rec_alpha={self.rec_alpha} must be in [0, 1]")]:
+            if not ok:
+                raise ValueError(message)
 
     def keep_ratio_at(self, depth):
         """Keep ratio of a level at nesting depth 1, 2, ..."""
@@ -253,105 +248,16 @@ class Block(nn.Module):
         return heads, self.est_units.numel() / self.mlp.gate.weight.size(0)
 
 # -----------------------------------------------------------------------------
-# Recurrent block (Kausik, "Scaling Efficient LLMs", arXiv 2402.14746): structure character 'R'
-
-
-class RecurrentBlock(nn.Module):
-    """One Block T applied recurrently over windows of w = rec_window tokens, so that its cost grows linearly with
-    the sequence length. With X_0, X_1, ... the windows of the input (the last one may be shorter):
-
-        H_0 = T(X_0)                                              the first window alone
-        [Y_{k-1}; H_k] = T([H_{k-1} + a_{k-1}; X_k + a_{k-1}])    causal attention over the 2w positions
-        Y_last = T(H_last + a_last)                               the last window's readout
-        a_0 = 0, a_k = alpha * Y_{k-1}                            alpha = 0: forget (the default); > 0: accumulate
-
-    The output at the tokens of window k is Y_k; the state carried from window to window is H_k (w vectors).
-    Because attention is causal, the first half of a step's output depends on the state half only, so it *is* the
-    readout of the previous window, Y_{k-1} = T(H_{k-1} + a_{k-1}): every step returns one readout, and only the last
-    window needs a call of its own. In all, each token goes through T twice (once as input, once as state), 2T token
-    passes for T tokens. (The batched readout suggested for alpha = 0, a loop for the H_k only and then all
-    Y_k = T(H_k) in one call of shape (B * n, w, C), would compute every readout twice with a plain causal block. It
-    pays only with a step that skips the state half's queries and MLP, and even then costs more FLOPs in all, as the
-    readout recomputes the state half's keys and values; what it buys is a shorter sequential chain.)
-    Two choices differ from the author's code: a_0 = 0 (the code adds alpha * X_0 at the first step), and the last
-    window's readout gets its a_last like every other (the code leaves it out), so that a window's output does not
-    depend on whether more windows follow, which cached decoding needs.
-
-    RoPE positions are local to the window (the 2026 code adds absolute position embeddings; the June 2025 note's
-    variant without them was slightly better): the state half at 0..w-1, the new tokens at w..2w-1 (the first window
-    too, as after an empty state), the readout at 0..w-1. No absolute position enters: the model sees at most 2w
-    positions, which is why it runs on any length. A short last window needs no padding: causality makes the result
-    the same as for a padded one. Gradients flow through the whole chain of windows (backpropagation through time).
-
-    Decoding (setup_cache) keeps, per batch row, the state (H_k, a_k) of the last complete window and the inputs of
-    the window still open; a new token reruns that window from the state: T on at most 2w positions, then its readout
-    on at most w. That is O(w) per token whatever the length of the prefix; the prompt goes through the same code."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.block = Block(config)
-        self.window = config.rec_window
-        self.accumulate = config.rec_alpha > 0 or config.rec_learn_alpha
-        self.alpha = nn.Parameter(torch.tensor(config.rec_alpha)) if config.rec_learn_alpha else config.rec_alpha
-        self.decoding, self.state, self.pending = False, None, None  # set by SubLLM.setup_cache
-
-    def forward(self, x, rope):
-        """x (B, T, C) -> (B, T, C); rope: the (cos, sin) tables. While decoding, x continues the sequence."""
-        if not self.decoding:
-            return self.recur(x, None, rope)[0]
-        inputs = x if self.pending is None else torch.cat([self.pending, x], dim=1)  # (B, j + T, C): the open window
-        y, self.state, n_done = self.recur(inputs, self.state, rope)
-        self.pending = inputs[:, n_done:]  # inputs of the window still open (fewer than w)
-        return y[:, -x.size(1):]
-
-    def recur(self, x, state, rope):
-        """The recurrence over x (B, L, C), after the window whose state is `state` ((H, a), or None at the start).
-        Returns the outputs at x's positions (B, L, C), the state after x's last complete window, and the number of
-        x's tokens in complete windows."""
-        w, L = self.window, x.size(1)
-        cos, sin = rope[0][None, :2 * w], rope[1][None, :2 * w]  # (1, 2w, D/2): window-local positions
-        alpha = self.alpha.clamp(0.0, 1.0) if isinstance(self.alpha, nn.Parameter) else self.alpha
-        outputs, done_state, n_done = [], state, 0
-        for x_k in x.split(w, dim=1):  # the method's sequential part: one step per window (L/w), not per token
-            n = x_k.size(1)  # w, or fewer for the last window
-            if state is None:
-                h, a = self.block(x_k, cos[:, w:w + n], sin[:, w:w + n]), None  # H_0; a_0 = 0
-            else:
-                h_prev, a = state
-                inp = torch.cat([h_prev, x_k], dim=1)  # (B, w + n, C): [state; new tokens]
-                if a is not None:  # accumulate: alpha * the previous readout, added to both halves
-                    inp = inp + torch.cat([a, a[:, :n]], dim=1)
-                out = self.block(inp, cos[:, :w + n], sin[:, :w + n])  # causal over the w + n positions
-                outputs.append(out[:, :w])  # Y of the previous window
-                h, a = out[:, w:], alpha * out[:, :w] if self.accumulate else None
-            state = (h, a)
-            if n == w:
-                done_state, n_done = state, n_done + w
-        h, a = state
-        n = h.size(1)
-        outputs.append(self.block(h if a is None else h + a[:, :n], cos[:, :n], sin[:, :n]))  # the last readout
-        # a run that continues from a state first re-emits that state window's readout: keep x's positions only
-        return torch.cat(outputs, dim=1)[:, -L:], done_state, n_done
-
-
-# -----------------------------------------------------------------------------
 # SUBLLM pieces: Balancer, subsample, upsample, Bypass, Level
 
 
 class Balancer(torch.autograd.Function):
-    """Identity forward. Backward corrects the score gradient so that during training (a) the fraction of positive
-    scores tracks keep_ratio and (b) the mean |score| stays in [1, 4] (SUBLLM.md §7). That is what makes eval-time
-    `score > 0` keep about as many tokens as train-time top-k. Applied with probability `prob` (set_step's schedule).
-
-    Two measured deviations from the spec's "gain about 0.04" (toy runs of test_model.py's keep-fraction test,
-    without Level's running offset: with 0.04 the positive fraction ends at 0.53-0.57 for keep 0.75 and 0.22-0.35 for
-    keep 0.4; with the below, 6 seeds all end within 0.035 of both; in longer real runs it still swings, which the
-    running offset of Level.track_cut fixes):
-    - The task gradient only reaches the scores near the top-k cut, and it tends to pull them all below 0 where the
-      soft weight's clamp gives no gradient back. So we remove its mean over the tokens it reaches (the task decides
-      *which* tokens go in, the balancer decides *how many*), and
-    - the count push is strong: COUNT_GAIN * (keep_ratio - positive fraction) times the mean |task gradient|,
-      clamped to once that mean."""
+    """Identity forward. Backward corrects the score gradient so that in training (a) the fraction of positive scores
+    tracks keep_ratio and (b) the mean |score| stays in [1, 4] (SUBLLM.md §7), so that eval-time `score > 0` keeps
+    about as many tokens as train-time top-k. Applied with probability `prob` (set_step's schedule). Ours is
+    stronger than the spec's gain of 0.04 (README, deviations): the task gradient reaches only the scores near the
+    cut and pulls them below 0, so we remove its common mode (the task decides *which* tokens go in, the Balancer
+    *how many*) and push the count with COUNT_GAIN. balancer='spec' gives the spec's, for docs/quality.md."""
     COUNT_GAIN = 10.0  # push per unit of error in the positive fraction (0.05 off -> half the mean |gradient|)
     SIZE_GAIN = 0.04  # the spec's gain, for keeping mean |score| in [1, 4]
 
@@ -440,14 +346,11 @@ def subsample_topk(scores, keep_ratio):
 
 
 def subsample_threshold(scores, valid, capacity=None):
-    """Eval-time selection (SUBLLM.md §4.3): keep tokens whose score > 0, decided token by token (causal).
-    Rows keep different counts: kept tokens go first, in order, and rows are right-padded to the longest.
-    With a capacity (training with selection='threshold') the short length is that fixed K instead, so shapes
-    are static and there is no host sync, and the overflow rule is causal: a positive token that comes after the
-    row's first K positive ones takes the skip path. The padding slots hold skipped tokens; they come after
-    every kept one, so causal attention keeps them out of the kept tokens' outputs, and their weight is 0.
-    Returns idx (B, K), weights (B, K) (0 on padding), kept (B, K) bool, counts (list of ints per row, or None with
-    a capacity) and selected (B, T) bool: which tokens went in."""
+    """Eval-time selection (SUBLLM.md §4.3): keep the tokens whose score > 0, token by token (causal). Kept tokens go
+    first, in order; rows are right-padded to the longest with skipped tokens of weight 0, which causal attention
+    keeps out of the kept ones. With a capacity (training with selection='threshold') K is fixed instead (static
+    shapes, no host sync) and a positive token after the row's first K takes the skip path (causal overflow).
+    Returns idx, weights, kept (B, K), counts (ints per row; None with a capacity), selected (B, T) bool."""
     selected = scores > 0
     if valid is not None:
         selected = selected & valid
@@ -516,29 +419,23 @@ class Level(nn.Module):
 
     def __init__(self, config, items, depth):
         super().__init__()
-        self.depth, self.keep_ratio = depth, config.keep_ratio_at(depth)
-        self.selection, self.capacity_slack = config.selection, config.capacity_slack
-        self.scorer_norm, self.balancer_spec, self.running_cut = (config.scorer_norm, config.balancer == 'spec',
-                                                                  config.running_cut)
+        self.depth, self.keep_ratio, self.config = depth, config.keep_ratio_at(depth), config
         self.scorer = nn.Linear(config.n_embd, 1, bias=False)
         self.register_buffer('balancer_prob', torch.tensor(1.0), persistent=False)  # set_step: 1.0 -> 0.25
         self.register_buffer('score_offset', torch.tensor(0.0))  # running top-k cut, saved: inference needs it
         self.inner = Stack(config, items, depth)
         self.bypass = Bypass(config.n_embd)
-        # Counters for logs and sample.py; tensors, so that torch.compile does not recompile as they grow.
-        # Eval mode: tokens offered and kept. Training: tokens offered, tokens whose selection agrees with eval's
-        # `score > 0`, and positive tokens the training selection skipped (below top-k's cut, or past the capacity).
+        # Counters for logs (tensors: torch.compile does not recompile as they grow). Eval: tokens offered, kept.
+        # Training: offered, selected as eval's `score > 0` would, positive but skipped (below the cut, or overflow).
         for name in ('tokens_in', 'tokens_kept', 'train_tokens_in', 'train_tokens_agree', 'train_tokens_dropped'):
             self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
 
     @torch.no_grad()
     def track_cut(self, scores, valid=None, momentum=0.05):
-        """Move score_offset towards the score that separates the top k = ceil(keep * n) of each row's n real tokens
-        from the rest (like BatchNorm's running mean). The Balancer alone, a push on the gradient, let the eval-time
-        kept fraction swing between 0.46 and 0.96 in config/parity_subllm.py (Adam's momentum makes it overshoot);
-        with the offset it stays within 0.07 of the keep ratio from iter 300 on and ends at 0.636 / 0.619 for keep
-        0.64. Top-k is unchanged by it. With momentum 0.05 the offset follows a drifting scorer ~20 steps late.
-        It is the same for every token of a batch and moves after the batch's selection, so it leaks nothing."""
+        """Move score_offset towards the score between the top k = ceil(keep * n) of each row's n real tokens and the
+        rest, like BatchNorm's running mean. With the Balancer alone the eval-time kept fraction swung between 0.46
+        and 0.96 in config/parity_subllm.py; with it, within 0.07 of keep from iter 300 on. Top-k is unchanged by it;
+        it moves after the batch's selection, the same for every token, so it leaks nothing."""
         B, T = scores.shape
         n = torch.full((B,), T, device=scores.device) if valid is None else valid.sum(1)  # (B,) real tokens
         k = torch.ceil(self.keep_ratio * n).long()
@@ -551,12 +448,11 @@ class Level(nn.Module):
         self.score_offset.add_(momentum * cut.sum() / rows.sum().clamp(min=1))
 
     def training_length(self, T):
-        """The short sequence's length in training, for an input of T tokens (static: it depends on T only).
-        Top-k: ceil(keep * T). Threshold: a fixed capacity of keep * T * (1 + slack), padding included. The slack is
-        added once, at depth 1: an inner level's input is its parent's capacity, which carries it already."""
-        if self.selection == 'topk':
+        """The short sequence's length in training, for T tokens in (static). Top-k: ceil(keep * T). Threshold: a
+        capacity of keep * T * (1 + slack), added at depth 1 only (an inner level's input carries it already)."""
+        if self.config.selection == 'topk':
             return math.ceil(self.keep_ratio * T)
-        slack = self.capacity_slack if self.depth == 1 else 0.0
+        slack = self.config.capacity_slack if self.depth == 1 else 0.0
         return min(T, math.ceil(self.keep_ratio * T * (1 + slack)))
 
     @torch.no_grad()
@@ -568,22 +464,21 @@ class Level(nn.Module):
         self.train_tokens_dropped += (positive & ~selected).sum()
 
     def forward(self, x, pos, rope, valid=None):
-        # (B, T): one score per token. Scoring the RMS-normalised x changes no sign (so no selection), only the
-        # scale: the scores start near |s| ~ 1 whatever the size of the residual stream, where the soft weights and
-        # the Balancer work, instead of ~0.01 after a 0.02-std embedding.
-        # The running offset (below) centres the scores on the top-k cut, so `score > 0` keeps ~keep_ratio.
-        # With selection='threshold' training keeps `score > 0` too, in a fixed capacity: causal, like decoding.
-        scorer_input = F.rms_norm(x, (x.size(-1),)) if self.scorer_norm else x
-        scores = self.scorer(scorer_input).squeeze(-1).float() - self.score_offset
+        # (B, T): one score per token. Scoring rms_norm(x) changes no sign, only the scale: scores start near |s| ~ 1
+        # whatever the residual stream's size, where the soft weights and the Balancer work. The running offset
+        # centres them on the top-k cut, so that `score > 0` keeps ~keep_ratio.
+        cfg = self.config
+        scores = self.scorer(F.rms_norm(x, (x.size(-1),)) if cfg.scorer_norm else x).squeeze(-1).float()
+        scores = scores - self.score_offset
         if self.training:
-            if self.running_cut:
+            if cfg.running_cut:
                 self.track_cut(scores, valid)
-            scores = Balancer.apply(scores, self.keep_ratio, self.balancer_prob, valid, self.balancer_spec)
-            if self.selection == 'topk':
+            scores = Balancer.apply(scores, self.keep_ratio, self.balancer_prob, valid, cfg.balancer == 'spec')
+            if cfg.selection == 'topk':
                 idx, weights = subsample_topk(scores, self.keep_ratio)  # (B, k), k = ceil(keep * T)
                 kept, counts = None, None
                 selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, idx, True)
-            else:
+            else:  # threshold: `score > 0` as in decoding (causal), in a fixed capacity
                 idx, weights, kept, counts, selected = subsample_threshold(scores, valid, self.training_length(x.size(1)))
             self.count_training_selection(scores, selected, valid)
         else:
@@ -596,6 +491,65 @@ class Level(nn.Module):
         pos_short = gather_tokens(pos.expand(x.size(0), -1), idx)  # (B, k): original positions, for RoPE
         y = self.inner(x_short, pos_short, rope, kept, counts)  # (B, k, C)
         return self.bypass(x, upsample(x, y, idx, weights))
+
+# -----------------------------------------------------------------------------
+# Recurrent block (Kausik, "Scaling Efficient LLMs", arXiv 2402.14746): structure character 'R'
+
+
+class RecurrentBlock(nn.Module):
+    """One Block T applied over windows X_0, X_1, ... of w = rec_window tokens, so that its cost grows linearly with
+    the length: H_0 = T(X_0); [Y_{k-1}; H_k] = T([H_{k-1} + a_{k-1}; X_k + a_{k-1}]) (causal over 2w positions);
+    the last readout Y_last = T(H_last + a_last); a_0 = 0, a_k = alpha * Y_{k-1} (alpha = 0: forget, > 0:
+    accumulate). Window k's output is Y_k, and H_k (w vectors) is the state carried on. RoPE positions are local to
+    the window, so it runs on any length. Decoding reruns the open window from the last state: O(w) per token.
+    docs/recurrent.md has the derivation and where this differs from the author's code."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.block = Block(config)
+        self.window = config.rec_window
+        self.accumulate = config.rec_alpha > 0 or config.rec_learn_alpha
+        self.alpha = nn.Parameter(torch.tensor(config.rec_alpha)) if config.rec_learn_alpha else config.rec_alpha
+        self.decoding, self.state, self.pending = False, None, None  # set by SubLLM.setup_cache
+
+    def forward(self, x, rope):
+        """x (B, T, C) -> (B, T, C); rope: the (cos, sin) tables. While decoding, x continues the sequence."""
+        if not self.decoding:
+            return self.recur(x, None, rope)[0]
+        inputs = x if self.pending is None else torch.cat([self.pending, x], dim=1)  # (B, j + T, C): the open window
+        y, self.state, n_done = self.recur(inputs, self.state, rope)
+        self.pending = inputs[:, n_done:]  # inputs of the window still open (fewer than w)
+        return y[:, -x.size(1):]
+
+    def recur(self, x, state, rope):
+        """The recurrence over x (B, L, C), after the window whose state is `state` ((H, a), or None at the start).
+        Returns the outputs at x's positions (B, L, C), the state after x's last complete window, and the number of
+        x's tokens in complete windows."""
+        w, L = self.window, x.size(1)
+        cos, sin = rope[0][None, :2 * w], rope[1][None, :2 * w]  # (1, 2w, D/2): window-local positions
+        alpha = self.alpha.clamp(0.0, 1.0) if isinstance(self.alpha, nn.Parameter) else self.alpha
+        outputs, done_state, n_done = [], state, 0
+        for x_k in x.split(w, dim=1):  # the method's sequential part: one step per window (L/w), not per token
+            n = x_k.size(1)  # w, or fewer for the last window
+            if state is None:
+                h, a = self.block(x_k, cos[:, w:w + n], sin[:, w:w + n]), None  # H_0; a_0 = 0
+            else:
+                h_prev, a = state
+                inp = torch.cat([h_prev, x_k], dim=1)  # (B, w + n, C): [state; new tokens]
+                if a is not None:  # accumulate: alpha * the previous readout, added to both halves
+                    inp = inp + torch.cat([a, a[:, :n]], dim=1)
+                out = self.block(inp, cos[:, :w + n], sin[:, :w + n])  # causal over the w + n positions
+                outputs.append(out[:, :w])  # Y of the previous window
+                h, a = out[:, w:], alpha * out[:, :w] if self.accumulate else None
+            state = (h, a)
+            if n == w:
+                done_state, n_done = state, n_done + w
+        h, a = state
+        n = h.size(1)
+        outputs.append(self.block(h if a is None else h + a[:, :n], cos[:, :n], sin[:, :n]))  # the last readout
+        # a run that continues from a state first re-emits that state window's readout: keep x's positions only
+        return torch.cat(outputs, dim=1)[:, -L:], done_state, n_done
+
 
 # -----------------------------------------------------------------------------
 # The model
@@ -670,7 +624,7 @@ class SubLLM(nn.Module):
             logits, loss = self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
         return logits, loss
 
-    # -- optimizer and FLOPs ---------------------------------------------------
+    # -- optimizer ----------------------------------------------------------------
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; matrices are decayed, norms and bypass gates are not."""
@@ -679,45 +633,6 @@ class SubLLM(nn.Module):
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         fused = device_type == 'cuda'
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-
-    def forward_flops(self, T, keep=None):
-        """Forward FLOPs for one sequence of T tokens, counting for each block the tokens it really sees
-        (SUBLLM.md §9). keep: a keep fraction per level depth (list); default what training runs: top-k's
-        ceil(keep * T), or the fixed capacity of threshold selection. With an EST sub-network set
-        (set_subnetwork), only what it runs. Matmuls 2 * tokens * weights; causal attention 2 * T^2 * C."""
-        cfg = self.config
-        kv_dim = cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
-        attn_weights = 2 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * kv_dim
-        mlp_weights = 3 * cfg.n_embd * cfg.ffn_hidden
-
-        def block_flops(t, heads=1, units=1):  # heads, units: the fractions an EST sub-network runs
-            return 2 * t * (heads * attn_weights + units * mlp_weights) + heads * 2 * t * t * cfg.n_embd
-
-        def stack_flops(stack, t):
-            total = 0.0
-            for layer in stack.layers:
-                if isinstance(layer, Block):
-                    if not layer.est_skip:  # with an EST sub-network: only the heads and units it runs
-                        total += block_flops(t, *layer.est_fractions())  # fractions 1, 1 for the dense block
-                elif isinstance(layer, RecurrentBlock):  # the block on each window as RecurrentBlock.recur runs it
-                    w = layer.window
-                    sizes = [min(w, t - start) for start in range(0, t, w)]  # the windows; the last may be shorter
-                    total += block_flops(sizes[0])                                 # H_0 = T(X_0)
-                    total += sum(block_flops(w + n) for n in sizes[1:])            # [Y; H] = T([H; X]): w + n wide
-                    total += block_flops(sizes[-1])                                # the last window's readout
-                else:
-                    t_inner = layer.training_length(t) if keep is None else keep[layer.depth - 1] * t
-                    total += 2 * t * cfg.n_embd + stack_flops(layer.inner, t_inner)  # scorer + inner blocks
-            return total
-        return stack_flops(self.stack, T) + 2 * T * cfg.n_embd * cfg.vocab_size
-
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
-        """Model FLOPs utilization: achieved FLOP/s (fwd + bwd = 3x fwd, over sequences of block_size) over the
-        device's peak. Returns None when the peak is unknown (CPU, unlisted GPU)."""
-        peak_flops = peak_flops or gpu_peak_flops()
-        if peak_flops is None:
-            return None
-        return 3 * self.forward_flops(self.config.block_size) * fwdbwd_per_iter / dt / peak_flops
 
     # -- decoding ----------------------------------------------------------------
 
@@ -782,171 +697,3 @@ class SubLLM(nn.Module):
                 self.setup_cache(None, None)
             self.train(was_training)
         return idx
-
-
-    # -- Evolving Subnetwork Training (EST) --------------------------------------
-
-    def set_subnetwork(self, subnet):
-        """Run only part of the model from now on (EST, arXiv 2406.06962), until the next call.
-        subnet: None for the dense model, or one entry per block of self.blocks(): None skips that block (the
-        residual passes through), (groups, units) runs it with only these KV groups (each with all its query
-        heads; with plain multi-head attention a group is one head) and these SwiGLU hidden units, LongTensors.
-        Scorers, upsampling and bypasses of SUBLLM levels always run. See sample_subnetwork."""
-        blocks = self.blocks()
-        if subnet is not None and any(isinstance(m, RecurrentBlock) for m in self.modules()):
-            raise ValueError("EST sub-networks are not implemented for recurrent blocks ('R' in the structure): "
-                             "train this structure without est")
-        if subnet is None:
-            subnet = [(None, None)] * len(blocks)
-        if len(subnet) != len(blocks):
-            raise ValueError(f"the sub-network has {len(subnet)} entries but the model has {len(blocks)} blocks: "
-                             f"give one per block of model.blocks()")
-        cfg = self.config
-        head_dim, q_per_group = cfg.n_embd // cfg.n_head, cfg.n_head // cfg.n_kv_head
-        for block, entry in zip(blocks, subnet):
-            block.est_skip = entry is None
-            groups, units = (None, None) if entry is None else entry
-            if groups is None:  # dense (or skipped: then the rows are never used)
-                block.est_q_rows = block.est_kv_rows = block.est_units = None
-                continue
-            device = block.attn.wq.weight.device
-            groups, units = torch.as_tensor(groups, device=device), torch.as_tensor(units, device=device)
-            for name, idx, n in (('KV groups', groups, cfg.n_kv_head), ('units', units, cfg.ffn_hidden)):
-                if idx.dim() != 1 or idx.numel() == 0 or idx.unique().numel() != idx.numel() or \
-                        idx.min() < 0 or idx.max() >= n:
-                    raise ValueError(f"sub-network {name} {idx.tolist()}: give distinct indices in [0, {n})")
-            dims = torch.arange(head_dim, device=device)
-            heads = (groups[:, None] * q_per_group + torch.arange(q_per_group, device=device)).flatten()
-            block.est_q_rows = (heads[:, None] * head_dim + dims).flatten()  # (kept heads * D,)
-            block.est_kv_rows = (groups[:, None] * head_dim + dims).flatten()  # (kept groups * D,)
-            block.est_units = units
-
-
-def est_kept(p, n):
-    """How many of n things a sampling rate p keeps: p * n rounded half up, at least 1."""
-    return max(1, min(n, math.floor(p * n + 0.5)))
-
-
-def sample_subnetwork(model, p_heads, p_units, p_layers, generator):
-    """A random EST sub-network for model.set_subnetwork: est_kept(p_layers, n) of the n blocks run (more if the
-    rules need more: the first and last block always run, and in SUBLLM at least one block directly inside every
-    level, so no level degenerates to its bypass), and each running block keeps est_kept(p_heads) of its KV groups
-    and est_kept(p_units) of its SwiGLU units, all uniformly at random. Everything comes from `generator`: the same
-    generator state gives the same sub-network (DDP ranks, resumed runs). Loops over blocks and levels: a few."""
-    cfg, blocks = model.config, model.blocks()
-    n = len(blocks)
-    position = {id(b): i for i, b in enumerate(blocks)}
-    running = {0, n - 1}
-    for level in model.levels():
-        inside = [position[id(b)] for b in level.inner.layers if isinstance(b, Block)]
-        if not running & set(inside):
-            running.add(inside[torch.randint(len(inside), (), generator=generator).item()])
-    others = [i for i in torch.randperm(n, generator=generator).tolist() if i not in running]
-    running |= set(others[:max(0, est_kept(p_layers, n) - len(running))])
-    n_groups, n_units = est_kept(p_heads, cfg.n_kv_head), est_kept(p_units, cfg.ffn_hidden)
-    subnet = []
-    for i in range(n):
-        groups = torch.randperm(cfg.n_kv_head, generator=generator)[:n_groups].sort().values
-        units = torch.randperm(cfg.ffn_hidden, generator=generator)[:n_units].sort().values
-        subnet.append((groups, units) if i in running else None)
-    return subnet
-
-
-# -----------------------------------------------------------------------------
-# Growing a trained model (Transformer Layer Injection, Depth Up-Scaling)
-
-
-def tli_structure(structure, k):
-    """Transformer Layer Injection (arXiv 2410.11654): a new block right after every k-th block, counted over the
-    whole string, in the same level as the block it copies. 'TT(TT)TT', k=2 -> 'TTT(TTT)TTT'.
-    Returns the new string and, per block of it in order, (index of the old block it copies, injected?)."""
-    chars, sources, n = [], [], 0
-    for ch in structure:
-        chars.append(ch)
-        if ch == 'T':
-            sources.append((n, False))
-            n += 1
-            if n % k == 0:
-                chars.append('T')
-                sources.append((n - 1, True))
-    return ''.join(chars), sources
-
-
-def dus_structure(structure, m):
-    """Depth Up-Scaling (SOLAR, arXiv 2312.15166): copy A without its last m blocks, then copy B without its first m.
-    A keeps the ')' right after its last block, B the '(' right before its first. Each half must be a whole structure
-    (no level cut in half), so that every level of the result is one level of the old model, at the same depth.
-    Returns the new string, (old block index, False) per new block, and the old level index per new level."""
-    positions = [i for i, ch in enumerate(structure) if ch == 'T']
-    n, n_levels = len(positions), structure.count('(')
-    end_a, start_b = positions[n - m - 1] + 1, positions[m]
-    while end_a < len(structure) and structure[end_a] == ')':
-        end_a += 1
-    while structure[start_b - 1:start_b] == '(':
-        start_b -= 1
-    half_a, half_b = structure[:end_a], structure[start_b:]
-    for half in (half_a, half_b):
-        try:
-            parse_structure(half)
-        except ValueError:
-            raise ValueError(f"DUS with m={m} cuts a level of {structure!r} in half ({half_a!r} + {half_b!r}): "
-                             f"try another m, or grow the LLaMA baseline (no levels)") from None
-    blocks = [(i, False) for i in list(range(n - m)) + list(range(m, n))]
-    levels = list(range(half_a.count('('))) + list(range(n_levels - half_b.count('('), n_levels))
-    return half_a + half_b, blocks, levels
-
-
-@torch.no_grad()
-def grow(model, method='tli', k=2, init='copy_zero', m=2):
-    """A new, deeper SubLLM built from copies of a trained model's weights (the model itself is left as it is).
-    method 'tli': a block injected after every k-th block (n -> n + n // k blocks); 'dus': the Depth Up-Scaling
-    baseline, 2 * (n - m) blocks. The structure string places every block; each level keeps its scorer, bypass and
-    running score offset, and its depth (so its keep ratio). init, for the injected TLI blocks: 'copy_zero' copies
-    the block before and zeroes its attention output (wo) and MLP down projections, so the block starts as the
-    identity and the grown model computes exactly the old function (LLaMA Pro's trick; the zeroed matrices still get
-    a gradient, their inputs are not zero); 'copy' is a plain copy. DUS copies blocks as they are (SOLAR)."""
-    blocks, levels = model.blocks(), model.levels()
-    n = len(blocks)
-    if 'R' in model.config.structure:
-        raise ValueError("growing is for structures of T blocks and levels; a recurrent block ('R') cannot be grown")
-    if init not in ('copy_zero', 'copy'):
-        raise ValueError(f"init must be 'copy_zero' or 'copy', got {init!r}")
-    if method == 'tli':
-        if not 1 <= k <= n:
-            raise ValueError(f"k={k}: TLI injects a block after every k-th of the model's {n} blocks; "
-                             f"give 1 <= k <= {n}")
-        structure, block_sources = tli_structure(model.config.structure, k)
-        level_sources = range(len(levels))
-    elif method == 'dus':
-        if not 1 <= m < n:
-            raise ValueError(f"m={m}: DUS drops m of the {n} blocks from each copy; give 1 <= m < {n}")
-        structure, block_sources, level_sources = dus_structure(model.config.structure, m)
-    else:
-        raise ValueError(f"method must be 'tli' (Transformer Layer Injection) or 'dus' (Depth Up-Scaling), "
-                         f"got {method!r}")
-    param = model.lm_head.weight
-    grown = SubLLM(replace(model.config, structure=structure)).to(param.device, param.dtype)
-    for name in ('tok_embeddings', 'norm', 'lm_head'):
-        getattr(grown, name).load_state_dict(getattr(model, name).state_dict())
-    for new, (i, injected) in zip(grown.blocks(), block_sources, strict=True):
-        new.load_state_dict(blocks[i].state_dict())
-        if injected and init == 'copy_zero':
-            new.attn.wo.weight.zero_()
-            new.mlp.down.weight.zero_()
-    for new, i in zip(grown.levels(), level_sources, strict=True):
-        new.scorer.load_state_dict(levels[i].scorer.state_dict())
-        new.bypass.load_state_dict(levels[i].bypass.state_dict())
-        new.score_offset.copy_(levels[i].score_offset)
-    return grown.train(model.training)
-
-
-def gpu_peak_flops():
-    """Dense bf16 peak of the current CUDA device, from its name; None on CPU or for an unlisted GPU."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, flops in [('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),
-                       ('L40S', 362e12), ('L4', 121e12), ('A10', 125e12), ('4090', 165e12), ('3090', 71e12)]:
-        if key in name:
-            return flops
-    return None

@@ -13,13 +13,12 @@ of the generated tokens that entered it: a token whose score is not positive ski
 which is where SUBLLM's decoding speedup comes from.
 """
 import os
-import sys
 import time
-from ast import literal_eval
 from contextlib import nullcontext
 
 import torch
 
+from configurator import configure
 from model import SubLLMConfig, SubLLM
 from prepare import get_tokenizer
 
@@ -36,26 +35,7 @@ dtype = 'auto'              # 'auto' (bfloat16 if the GPU has it, else float16; 
 compile = False             # torch.compile the model's forward (CUDA; decode shapes change, so it recompiles)
 use_cache = True            # False: every step reruns the whole sequence (the reference the cache must match)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))]
-for arg in sys.argv[1:]:  # --key=value; the value takes the type of the key's default
-    if arg in ('-h', '--help'):
-        print(__doc__ + '\nsettings (default values):\n' + '\n'.join(f"  --{k}={globals()[k]!r}" for k in config_keys))
-        sys.exit(0)
-    key, eq, value = arg[2:].partition('=')
-    if not arg.startswith('--') or not eq or key not in config_keys:
-        raise SystemExit(f"bad argument {arg!r}: use --key=value with key one of {', '.join(config_keys)}")
-    default = globals()[key]
-    if not isinstance(default, str):
-        try:
-            value = literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass  # stays a string: the type check says what was expected
-        if isinstance(default, float) and type(value) is int:
-            value = float(value)
-    if type(value) is not type(default):
-        expected = 'True or False' if isinstance(default, bool) else type(default).__name__
-        raise SystemExit(f"--{key} expects {expected}, got {value!r}")
-    globals()[key] = value
+configure(globals())  # --key=value, or a config file (configurator.py)
 if num_samples < 1 or max_new_tokens < 1:
     raise SystemExit("--num_samples and --max_new_tokens must be at least 1")
 if temperature <= 0:

@@ -86,7 +86,7 @@ def test_bad_flag_is_a_one_line_error():
                             env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE), timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert "bad argument '--n_embed=32'" in result.stderr and 'n_embd' in result.stderr
+    assert "unknown setting 'n_embed' (from --n_embed=32)" in result.stderr and 'n_embd' in result.stderr
 
 
 def test_threshold_selection_trains_on_its_fixed_capacity(monkeypatch, tmp_path):

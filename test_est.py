@@ -1,5 +1,5 @@
 """
-Tests of Evolving Subnetwork Training (EST): model.set_subnetwork, sample_subnetwork, the FLOP counter, and
+Tests of Evolving Subnetwork Training (EST): est.set_subnetwork, sample_subnetwork, the FLOP counter, and
 train.py --est=True (in this process with runpy, like test_train.py).
 """
 import copy
@@ -12,7 +12,9 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import SubLLM, SubLLMConfig, est_kept, sample_subnetwork
+from est import est_kept, sample_subnetwork, set_subnetwork
+from flops import forward_flops
+from model import SubLLM, SubLLMConfig
 from test_train import TINY, env1, interrupt_and_resume, make_data, read_log, train, TRAIN
 
 TINY_EST = [*TINY, '--est=True', '--est_stage1_end=0.5', '--est_stage2_end=0.75']
@@ -34,21 +36,21 @@ def everything(model):
 def test_the_full_subnetwork_is_exactly_the_dense_model(structure, n_kv_head):
     dense = tiny_model(structure, n_kv_head)
     sub = copy.deepcopy(dense)  # a copy: a SUBLLM training forward moves the level's running score offset
-    sub.set_subnetwork(everything(sub))
-    assert sub.forward_flops(32) == dense.forward_flops(32)
+    set_subnetwork(sub, everything(sub))
+    assert forward_flops(sub, 32) == forward_flops(dense, 32)
     x = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
     for train_mode in (True, False):
         dense.train(train_mode), sub.train(train_mode)
         logits_dense, loss_dense = dense(x, x)
         logits_sub, loss_sub = sub(x, x)
         assert torch.equal(logits_dense, logits_sub) and torch.equal(loss_dense, loss_sub)
-    sub.set_subnetwork(None)
+    set_subnetwork(sub, None)
     assert all(b.est_q_rows is None and not b.est_skip for b in sub.blocks())
 
 
 def test_flop_counter_by_hand_and_against_the_matmuls_that_ran():
     model = tiny_model('TT(TT)T')  # C 32, 4 heads of D 8 in 2 KV groups, 48 units, vocab 64, keep 0.5
-    model.set_subnetwork([(torch.tensor([1]), torch.arange(12)),      # half the heads, a quarter of the units
+    set_subnetwork(model, [(torch.tensor([1]), torch.arange(12)),      # half the heads, a quarter of the units
                           None,                                       # skipped
                           (torch.tensor([0, 1]), torch.arange(48)),   # inside the level: dense, on 8 of 16 tokens
                           None,
@@ -61,25 +63,25 @@ def test_flop_counter_by_hand_and_against_the_matmuls_that_ran():
                 2 * 8 * (attn + mlp) + 2 * 8 * 8 * C,           # dense block on ceil(0.5 * 16) = 8 tokens
                 2 * T * (attn / 2 + mlp / 2) + scores / 2,
                 2 * T * C * 64]                                 # lm_head
-    assert model.forward_flops(T) == sum(expected) == 418816
+    assert forward_flops(model, T) == sum(expected) == 418816
 
     # the matmuls that really run (sliced weights, not masked): every FLOP counted but attention's scores
     llama = tiny_model('TTTT')
     subnet = sample_subnetwork(llama, 0.5, 0.25, 0.5, torch.Generator().manual_seed(0))
-    llama.set_subnetwork(subnet)
+    set_subnetwork(llama, subnet)
     with FlopCounterMode(display=False) as counter:
         llama(torch.zeros(1, T, dtype=torch.long), torch.zeros(1, T, dtype=torch.long))
     n_running = sum(s is not None for s in subnet)
     assert n_running == 2 and all(len(s[0]) == 1 and len(s[1]) == 12 for s in subnet if s is not None)
-    assert counter.get_total_flops() == llama.forward_flops(T) - n_running * scores / 2
-    assert llama.forward_flops(T) < 0.3 * tiny_model('TTTT').forward_flops(T)
+    assert counter.get_total_flops() == forward_flops(llama, T) - n_running * scores / 2
+    assert forward_flops(llama, T) < 0.3 * forward_flops(tiny_model('TTTT'), T)
 
 
 def test_a_subnetwork_step_gives_gradients_only_to_what_it_ran():
     model = tiny_model('TT(TT(TT)T)T')
     subnet = sample_subnetwork(model, 0.5, 0.5, 0.5, torch.Generator().manual_seed(3))
     assert sum(s is None for s in subnet) == 4  # 8 blocks, 4 run
-    model.set_subnetwork(subnet)
+    set_subnetwork(model, subnet)
     x = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
     model(x, x)[1].backward()
 
@@ -128,11 +130,11 @@ def test_sampler_is_a_function_of_the_generator_and_keeps_the_required_blocks():
 def test_bad_subnetworks_are_clear_errors():
     model = tiny_model('TTT')
     with pytest.raises(ValueError, match='2 entries but the model has 3 blocks'):
-        model.set_subnetwork([None, None])
+        set_subnetwork(model, [None, None])
     with pytest.raises(ValueError, match=r'KV groups \[0, 0\]: give distinct indices in \[0, 2\)'):
-        model.set_subnetwork([(torch.tensor([0, 0]), torch.arange(4))] * 3)
+        set_subnetwork(model, [(torch.tensor([0, 0]), torch.arange(4))] * 3)
     with pytest.raises(ValueError, match=r'units \[48\]: give distinct indices in \[0, 48\)'):
-        model.set_subnetwork([(torch.tensor([0]), torch.tensor([48]))] * 3)
+        set_subnetwork(model, [(torch.tensor([0]), torch.tensor([48]))] * 3)
 
 
 @pytest.fixture
@@ -159,7 +161,7 @@ def test_est_run_logs_stages_and_flops_and_resumes_mid_stage_exactly(monkeypatch
     assert log_a[-1]['train_loss'] < log_a[0]['train_loss']
     dense_per_iter = log_a[1]['flops_dense'] / 4
     model = SubLLM(SubLLMConfig(**torch.load(tmp_path / 'a' / 'ckpt.pt')['model_args']))
-    assert dense_per_iter == 3 * model.forward_flops(32) * 4  # forward + backward, 4 sequences per iter
+    assert dense_per_iter == 3 * forward_flops(model, 32) * 4  # forward + backward, 4 sequences per iter
     assert [r['flops_dense'] for r in log_a] == [0, 4 * dense_per_iter, 8 * dense_per_iter, 12 * dense_per_iter]
     flops = [r['flops'] for r in log_a]
     assert flops[0] == 0 and flops[1] < 0.5 * 4 * dense_per_iter  # stage 1: fewer blocks, half the heads/units
@@ -180,13 +182,13 @@ def test_ddp_ranks_run_the_same_subnetworks(tmp_path, data, attempt):
     # each rank records the sub-network of every step it trained; skipped blocks need find_unused_parameters
     wrapper = tmp_path / 'train_and_dump.py'
     wrapper.write_text(f"import os, runpy, torch\n"
-                       f"import model\n"
-                       f"seen, original = [], model.SubLLM.set_subnetwork\n"
-                       f"def recording(self, subnet):\n"
+                       f"import est\n"
+                       f"seen, original = [], est.set_subnetwork\n"
+                       f"def recording(model, subnet):\n"
                        f"    if subnet is not None:\n"
                        f"        seen.append([None if s is None else [t.tolist() for t in s] for s in subnet])\n"
-                       f"    original(self, subnet)\n"
-                       f"model.SubLLM.set_subnetwork = recording\n"
+                       f"    original(model, subnet)\n"
+                       f"est.set_subnetwork = recording\n"
                        f"runpy.run_path({TRAIN!r}, run_name='__main__')\n"
                        f"torch.save(seen, os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n")
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(wrapper),
@@ -218,6 +220,6 @@ def test_compiled_est_run_compiles_per_kind_of_step_not_per_step(monkeypatch, tm
 
 def test_recurrent_blocks_refuse_a_subnetwork():
     model = SubLLM(SubLLMConfig(vocab_size=64, block_size=32, n_embd=32, n_head=2, structure='TRT'))
-    model.set_subnetwork(None)  # the dense model is fine
+    set_subnetwork(model, None)  # the dense model is fine
     with pytest.raises(ValueError, match="recurrent"):
-        model.set_subnetwork(sample_subnetwork(model, 0.5, 0.5, 1.0, torch.Generator().manual_seed(0)))
+        set_subnetwork(model, sample_subnetwork(model, 0.5, 0.5, 1.0, torch.Generator().manual_seed(0)))

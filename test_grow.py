@@ -1,5 +1,5 @@
 """
-Tests of growing a trained model (model.grow: Transformer Layer Injection and Depth Up-Scaling) and of
+Tests of growing a trained model (grow.grow: Transformer Layer Injection and Depth Up-Scaling) and of
 train.py --init_from=grow, on tiny models. train.py and sample.py run in this process with runpy (fast).
 """
 import json
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import SubLLM, SubLLMConfig, grow
+from grow import grow
+from model import SubLLM, SubLLMConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NESTED = 'TT(TT(TT)TT)TT'

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from flops import forward_flops
 from model import (SubLLM, SubLLMConfig, llama_twin, parse_structure, subsample_topk,
                    subsample_threshold, upsample)
 
@@ -402,7 +403,7 @@ def test_threshold_levels_run_on_their_fixed_capacity():
     c1 = math.ceil(0.75 * 30 * 1.2)
     c2 = math.ceil(0.4 * c1)
     assert seen == {1: (2, c1, 32), 2: (2, c2, 32)}
-    assert model.forward_flops(30) == pytest.approx(model.forward_flops(30, keep=[c1 / 30, c2 / c1]))
+    assert forward_flops(model, 30) == pytest.approx(forward_flops(model, 30, keep=[c1 / 30, c2 / c1]))
 
 
 # -----------------------------------------------------------------------------
@@ -417,9 +418,9 @@ def test_forward_flops_match_the_spec_table(keep, ratios):
     with torch.device('meta'):
         subllm, llama = SubLLM(config), SubLLM(llama_twin(config))
     for T, ratio in zip((2048, 4096, 8192), ratios):
-        assert llama.forward_flops(T) / subllm.forward_flops(T, keep=[keep, keep]) == pytest.approx(ratio, abs=0.006)
+        assert forward_flops(llama, T) / forward_flops(subllm, T, keep=[keep, keep]) == pytest.approx(ratio, abs=0.006)
     C, F, V_ = 2048, 5504, 32000  # the baseline's count is the spec's per-block formula plus the head
-    assert llama.forward_flops(2048) == 24 * (2 * 2048 * (4 * C * C + 3 * C * F) + 2 * 2048 ** 2 * C) + 2 * 2048 * C * V_
+    assert forward_flops(llama, 2048) == 24 * (2 * 2048 * (4 * C * C + 3 * C * F) + 2 * 2048 ** 2 * C) + 2 * 2048 * C * V_
 
 
 # -----------------------------------------------------------------------------

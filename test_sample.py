@@ -96,7 +96,7 @@ def test_baseline_and_compiled_prefix(tmp_path, monkeypatch, capsys):
     (['--temperature=0'], '--temperature must be > 0'),
     (['--num_samples=many'], '--num_samples expects int'),
     (['--use_cache=yes'], '--use_cache expects True or False'),
-    (['--topk=5'], 'key one of out_dir, start, num_samples'),
+    (['--topk=5'], "unknown setting 'topk' (from --topk=5); valid keys: out_dir, start, num_samples"),
 ])
 def test_one_line_errors(ckpt, tmp_path, monkeypatch, capsys, args, words):
     empty = tmp_path / 'empty.txt'

@@ -19,7 +19,7 @@ threshold in its fixed capacity), kept (the fraction of its parent's tokens a le
 mode), agree (the fraction of tokens on which the training-time selection picks as `score > 0` does, on those val
 batches) and dropped (in the training steps since the last eval, the fraction of a level's tokens with a positive
 score that the training selection skipped: below the top-k cut, or past the capacity).
-flops: the training FLOPs spent so far (3x the forward FLOPs of each step, counted as model.forward_flops does:
+flops: the training FLOPs spent so far (3x the forward FLOPs of each step, counted as flops.forward_flops does:
 each block with the tokens it sees). With --est=True also stage and flops_dense (what dense training spends).
 out_dir/ckpt.pt holds everything to resume or to sample.
 """
@@ -28,11 +28,8 @@ import json
 import math
 import os
 import random
-import sys
 import time
-import types
 import warnings
-from ast import literal_eval
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -41,7 +38,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import SubLLMConfig, SubLLM, grow, sample_subnetwork
+from configurator import configure, settings_of
+from est import est_stage, set_subnetwork, subnetwork_at
+from flops import estimate_mfu, forward_flops
+from grow import grow
+from model import SubLLMConfig, SubLLM
 
 # -----------------------------------------------------------------------------
 # default settings: a small SUBLLM on the default corpus
@@ -115,59 +116,8 @@ est_p_units = 0.5               # stages 1 and 2: fraction of the SwiGLU hidden 
 est_p_layers = 0.5              # stage 1: fraction of the blocks that run (first, last and one per level always do)
 
 # -----------------------------------------------------------------------------
-# poor man's configurator: config files, then --key=value flags. A mistake ends the run with a one-line message.
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, tuple))]
-user_keys = set()  # the settings this run was given explicitly
-
-
-def checked(key, value, source):
-    """value with the type of the key's default, or a one-line error. An int is fine for a float, and keep_ratio
-    may also be a tuple of floats (one per nesting depth)."""
-    if key not in config_keys:
-        raise SystemExit(f"unknown setting {key!r} ({source}); valid keys: {', '.join(config_keys)}")
-    default = globals()[key]
-    value = tuple(value) if isinstance(value, list) else value
-    numbers = (int, float)
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = (isinstance(value, numbers) and not isinstance(value, bool)) or (
-            key == 'keep_ratio' and isinstance(value, tuple) and all(isinstance(r, numbers) for r in value))
-        value = float(value) if ok and not isinstance(value, tuple) else value
-    else:
-        ok = type(value) is type(default)
-    if not ok:
-        expected = 'True or False' if isinstance(default, bool) else type(default).__name__
-        raise SystemExit(f"{key} expects {expected}, got {value!r} ({source})")
-    return value
-
-
-for arg in sys.argv[1:]:
-    if arg in ('-h', '--help'):
-        print(__doc__)
-        print('settings (default values):\n' + '\n'.join(f"  --{k}={globals()[k]}" for k in config_keys))
-        sys.exit(0)
-    if not arg.startswith('--'):  # a config file: python that assigns settings
-        if not os.path.isfile(arg):
-            raise SystemExit(f"config file {arg!r} not found (settings are given as --key=value)")
-        namespace = {'__file__': arg}
-        exec(open(arg).read(), namespace)
-        settings = {k: v for k, v in namespace.items()  # every plain value it defines (imports and helpers aside)
-                    if not k.startswith('_') and not callable(v) and not isinstance(v, types.ModuleType)}
-        source = f"in {arg}"
-    else:
-        key, eq, value = arg[2:].partition('=')
-        if not eq:
-            raise SystemExit(f"bad argument {arg!r}: use --key=value")
-        if key in config_keys and not isinstance(globals()[key], str):
-            try:
-                value = literal_eval(value)
-            except (ValueError, SyntaxError):
-                pass  # stays a string, and the type check below says what was expected
-        settings, source = {key: value}, f"from {arg}"
-    for key, value in settings.items():
-        globals()[key] = checked(key, value, source)
-        user_keys.add(key)
+user_keys = configure(globals(), tuples=('keep_ratio',))  # config files, then --key=value (configurator.py)
+config_keys = settings_of(globals())
 config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint
 # -----------------------------------------------------------------------------
 
@@ -371,23 +321,14 @@ def leave(message=None):
         dist.destroy_process_group()
     if message:
         raise SystemExit(message if master_process else 1)
-flops_per_iter_dense = 3 * raw_model.forward_flops(block_size) * (tokens_per_iter // block_size)  # bwd = 2x fwd
+flops_per_iter_dense = 3 * forward_flops(raw_model, block_size) * (tokens_per_iter // block_size)  # bwd = 2x fwd
 flops_spent = 0.0 if checkpoint is None else checkpoint.get('flops', iter_num * flops_per_iter_dense)
 
 
-def est_stage(it):
-    return 1 if it < est_stage1_end * max_iters else 2 if it < est_stage2_end * max_iters else 3
 
-
-def est_subnetwork(it):
-    """The sub-network of iteration it (None: the full model). It depends on (seed, it) only, not on the rank or
-    on any random state: every DDP rank and every micro-step of the step, and a resumed run, use the same one."""
-    if est_stage(it) == 3:
-        return None
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + it)
-    p_layers = est_p_layers if est_stage(it) == 1 else 1.0
-    return sample_subnetwork(raw_model, est_p_heads, est_p_units, p_layers, generator)
-
+def stage_at(it):
+    """EST's stage of iteration it: 1, 2 or 3 (the full model)."""
+    return est_stage(it, max_iters, est_stage1_end, est_stage2_end)
 
 if est and master_process:
     stage1, stage2 = math.ceil(est_stage1_end * max_iters), math.ceil(est_stage2_end * max_iters)
@@ -444,7 +385,7 @@ def estimate_loss():
     dropout is 0 by default): the gap between the two is the train/inference mismatch. And per level the fraction
     of tokens it kept on val (eval mode), and the fraction on which the two selections agree."""
     out = {}
-    raw_model.set_subnetwork(None)  # EST: always evaluate the full model; the next step sets its own sub-network
+    set_subnetwork(raw_model, None)  # EST: always evaluate the full model; the next step sets its own
     offsets = [level.score_offset.clone() for level in levels]  # a train-mode forward moves them: put them back
     with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):  # leave training's RNG alone
         for split in ('train', 'val'):
@@ -523,7 +464,7 @@ while True:
                 record = dict(iter=iter_num, tokens=iter_num * tokens_per_iter, time_s=round(train_seconds, 3),
                               flops=flops_spent, lr=lr, **losses)
                 if est:  # the FLOPs that dense training would have spent
-                    record.update(stage=est_stage(iter_num), flops_dense=iter_num * flops_per_iter_dense)
+                    record.update(stage=stage_at(iter_num), flops_dense=iter_num * flops_per_iter_dense)
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(record) + '\n')
             improved = losses['val_loss'] < best_val_loss
@@ -560,8 +501,9 @@ while True:
     # one optimizer step: forward, backward and gradient accumulation over micro-steps
     raw_model.set_step(iter_num, max_iters)  # advances the bypass and balancer schedules
     if est:  # this step's sub-network, for all its micro-steps (stage 3: None, the full model), and its FLOPs
-        raw_model.set_subnetwork(est_subnetwork(iter_num))
-        flops_spent += 3 * raw_model.forward_flops(block_size) * (tokens_per_iter // block_size)
+        set_subnetwork(raw_model, subnetwork_at(raw_model, iter_num, seed, stage_at(iter_num), est_p_heads,
+                                                est_p_units, est_p_layers))
+        flops_spent += 3 * forward_flops(raw_model, block_size) * (tokens_per_iter // block_size)
     else:
         flops_spent += flops_per_iter_dense
     try:
@@ -597,11 +539,11 @@ while True:
     dt, t0 = t1 - t0, t1
     if iter_num % log_interval == 0 and master_process:
         if local_iter_num >= 5:  # let the first iterations (compilation, warmup) pass
-            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+            mfu = estimate_mfu(raw_model, batch_size * gradient_accumulation_steps, dt)
             running_mfu = running_mfu if mfu is None else mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tokens_per_iter / dt:,.0f} tok/s"
               + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else '')
-              + (f", EST stage {est_stage(iter_num)}, {flops_spent:.3g} FLOPs spent "
+              + (f", EST stage {stage_at(iter_num)}, {flops_spent:.3g} FLOPs spent "
                  f"({(iter_num + 1) * flops_per_iter_dense:.3g} dense)" if est else ''), flush=True)
     iter_num += 1
     local_iter_num += 1
