@@ -21,6 +21,7 @@ Usage (all flags are --key=value):
     python prepare.py --tokenizer=byte               # raw UTF-8 bytes: vocab 256, never downloads
 
     python prepare.py --dataset=fineweb-edu          # FineWeb-Edu sample/10BT from the Hugging Face hub -> shards
+    python prepare.py --dataset=fineweb-edu --subset=sample/100BT    # another folder of it
     python prepare.py --dataset=fineweb-edu --max_tokens=1e9         # stop after 1B tokens (files download as needed)
     python prepare.py --dataset=slimpajama           # SlimPajama-6B (the paper's corpus, a 6B-token sample of it)
     python prepare.py --input='shards/*.parquet' --text_column=text  # local parquet and/or JSONL files -> shards
@@ -33,11 +34,12 @@ Documents (files, or pieces of text split at a literal <|endoftext|>, as TinySto
 uses; or the rows of parquet/JSONL files) are each followed by the tokenizer's eot_token: 50256 for gpt2, byte 0
 (NUL) for byte.
 
-Shard sets: val_000000.bin holds the first val_tokens tokens, then train shards of shard_tokens each, until the
-documents end or max_tokens (val included) are written. Documents are read in batches (parquet one row group at a
-time), so memory stays flat whatever the corpus size, and tokenized by num_proc processes (0: all cores). Each shard
-is written to a temp file and renamed, and meta.json records where the next shard starts: run the same command
-again after an interruption (Ctrl-C, kill, a lost connection) and it skips the finished shards and downloads.
+Shard sets: val_000000.bin holds the first val_tokens (default 10M) tokens, then come train shards of
+shard_tokens (default 100M) each, until the documents end or max_tokens (val included) are written. Documents are
+read in batches (parquet one row group at a time), so memory stays flat whatever the corpus size, and tokenized by
+num_proc processes (0: all cores). Each shard is written to a temp file and renamed, and meta.json records where
+the next shard starts: run the same command again after an interruption (Ctrl-C, kill -9, a lost connection) and
+it keeps the finished shards and downloads and writes what an uninterrupted run writes.
 Parquet needs pyarrow (pip install pyarrow). Downloads come from $HF_ENDPOINT (default https://huggingface.co).
 """
 import base64
