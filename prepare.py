@@ -5,6 +5,11 @@ Turn text into the token files that train.py reads (nanoGPT layout):
     data/<name>/val.bin     the last ~0.5% of the tokens (at least a few thousand)
     data/<name>/meta.json   tokenizer, vocab_size, dtype, token counts, source
 
+or, for corpora of documents in parquet or JSONL files (FineWeb-Edu, SlimPajama, your own), a shard set:
+
+    data/<name>/val_000000.bin, train_000000.bin, train_000001.bin, ...   uint16 token ids, shard_tokens each
+    data/<name>/meta.json   the same fields, plus the shards and where each one ends in the documents
+
 Usage (all flags are --key=value):
 
     python prepare.py                                # offline default: Python's own stdlib source
@@ -15,20 +20,46 @@ Usage (all flags are --key=value):
     python prepare.py --dataset=tinystories          # download TinyStories' validation split (~19 MB)
     python prepare.py --tokenizer=byte               # raw UTF-8 bytes: vocab 256, never downloads
 
+    python prepare.py --dataset=fineweb-edu          # FineWeb-Edu sample/10BT from the Hugging Face hub -> shards
+    python prepare.py --dataset=fineweb-edu --subset=sample/100BT    # another folder of it
+    python prepare.py --dataset=fineweb-edu --max_tokens=1e9         # stop after 1B tokens (files download as needed)
+    python prepare.py --dataset=slimpajama           # SlimPajama-6B (the paper's corpus, a 6B-token sample of it)
+    python prepare.py --input='shards/*.parquet' --text_column=text  # local parquet and/or JSONL files -> shards
+
 Tokenizers: gpt2 (tiktoken, vocab 50257; its vocabulary is downloaded once and cached),
 byte (vocab 256, exact round trip), auto (default: gpt2 if it loads, else byte).
+Offline gpt2: GPT2_BPE_FILE=path/to/gpt2.tiktoken (GPT-2's BPE ranks in tiktoken's format, as the openai-whisper
+sdist ships them in whisper/assets/; checked against GPT-2's sha256) makes gpt2 load from that file, no download.
 Documents (files, or pieces of text split at a literal <|endoftext|>, as TinyStories
-uses) are each followed by the tokenizer's eot_token: 50256 for gpt2, byte 0 (NUL) for byte.
+uses; or the rows of parquet/JSONL files) are each followed by the tokenizer's eot_token: 50256 for gpt2, byte 0
+(NUL) for byte.
+
+Shard sets: val_000000.bin holds the first val_tokens (default 10M) tokens, then come train shards of
+shard_tokens (default 100M) each, until the documents end or max_tokens (val included) are written. Documents are
+read in batches (parquet one row group at a time), so memory stays flat whatever the corpus size, and tokenized by
+num_proc processes (0: all cores). Each shard is written to a temp file and renamed, and meta.json records where
+the next shard starts: run the same command again after an interruption (Ctrl-C, kill -9, a lost connection) and
+it keeps the finished shards and downloads and writes what an uninterrupted run writes.
+Parquet needs pyarrow (pip install pyarrow). Downloads come from $HF_ENDPOINT (default https://huggingface.co).
 """
+import base64
+import collections
+import fnmatch
 import glob
+import hashlib
 import inspect
+import itertools
 import json
+import multiprocessing
 import os
 import platform
+import re
 import shutil
+import signal
 import sys
 import sysconfig
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -41,10 +72,23 @@ DATASETS = {  # name -> (url, what it is)
     'tinystories': ('https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt',
                     'TinyStories validation split, ~19 MB of plain text'),
 }
+HUB_DATASETS = {  # name -> (hub dataset, default folder (--subset), its files to read, what it is)
+    'fineweb-edu': ('HuggingFaceFW/fineweb-edu', 'sample/10BT', '*.parquet',
+                    'FineWeb-Edu, educational web pages; sample/10BT is ~10B GPT-2 tokens'),
+    'slimpajama': ('DKYoon/SlimPajama-6B', 'data', 'train-*.parquet',
+                   "SlimPajama-6B, a 6B-token random sample of SlimPajama-627B (the paper's corpus): 48 parquet "
+                   "files, ~14 GB"),
+}
 TEXT_SUFFIXES = ('.txt', '.md', '.py')
+TABLE_SUFFIXES = ('.parquet', '.jsonl')  # documents in rows: these become a shard set
 EOT_TEXT = '<|endoftext|>'
 MIN_VAL_TOKENS = 4096     # a 0.5% split of a small corpus is too few tokens for a stable val loss
 CHUNK_BYTES = 1 << 20     # read ~1 MB at a time, so memory stays flat whatever the corpus size
+BATCH_DOCS = 256          # documents per tokenizing task
+# GPT-2's BPE ranks in tiktoken's format: the sha256 that tiktoken checks for r50k_base.tiktoken, which is GPT-2's
+# vocabulary (openai-whisper ships the same file as whisper/assets/gpt2.tiktoken)
+GPT2_BPE_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT-2's encoder.py
 
 
 class PrepareError(SystemExit):
@@ -70,12 +114,16 @@ class GPT2Tokenizer:
 
     def __init__(self):
         import tiktoken
-        try:
-            self.enc = tiktoken.get_encoding('gpt2')
-        except Exception as e:  # offline: requests' ConnectionError; also HTTP errors, a corrupt cache
-            raise PrepareError(f"gpt2 tokenizer unavailable: tiktoken could not download the GPT-2 vocabulary "
-                               f"({type(e).__name__}; offline?). Use --tokenizer=byte, or set TIKTOKEN_CACHE_DIR "
-                               f"to a directory holding a cached copy.") from None
+        if os.environ.get('GPT2_BPE_FILE'):
+            self.enc = gpt2_from_file(os.environ['GPT2_BPE_FILE'])
+        else:
+            try:
+                self.enc = tiktoken.get_encoding('gpt2')
+            except Exception as e:  # offline: requests' ConnectionError; also HTTP errors, a corrupt cache
+                raise PrepareError(f"gpt2 tokenizer unavailable: tiktoken could not download the GPT-2 vocabulary "
+                                   f"({type(e).__name__}; offline?). Use --tokenizer=byte, set TIKTOKEN_CACHE_DIR to a "
+                                   f"directory holding a cached copy, or GPT2_BPE_FILE to a gpt2.tiktoken file "
+                                   f"(python prepare.py --help)") from None
         self.vocab_size, self.eot_token = self.enc.n_vocab, self.enc.eot_token  # 50257, 50256
 
     def encode(self, text):
@@ -83,6 +131,21 @@ class GPT2Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(list(ids))  # tiktoken already decodes with errors='replace'
+
+
+def gpt2_from_file(path):
+    """GPT-2's encoding from a local copy of its BPE ranks, so that gpt2 works offline. The sha256 check makes sure
+    that the file is GPT-2's: another vocabulary would silently give other token ids."""
+    import tiktoken
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise PrepareError(f"GPT2_BPE_FILE={path}: {e.strerror or e}") from None
+    if hashlib.sha256(data).hexdigest() != GPT2_BPE_SHA256:
+        raise PrepareError(f"GPT2_BPE_FILE={path} is not GPT-2's BPE file (its sha256 is not "
+                           f"{GPT2_BPE_SHA256[:16]}...): use whisper/assets/gpt2.tiktoken of the openai-whisper sdist")
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+    return tiktoken.Encoding('gpt2', pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT_TEXT: 50256})
 
 
 def get_tokenizer(name):
@@ -95,6 +158,8 @@ def get_tokenizer(name):
         try:
             return GPT2Tokenizer()
         except PrepareError:
+            if os.environ.get('GPT2_BPE_FILE'):  # the user asked for that file: a bad one is an error, not a fallback
+                raise
             print("tokenizer: auto -> byte (the gpt2 vocabulary could not be downloaded; this is fine offline)")
             return ByteTokenizer()
     raise PrepareError(f"unknown tokenizer {name!r}: use --tokenizer=auto, gpt2 or byte")
@@ -121,13 +186,13 @@ def local_files(pattern):
         return [p], str(p)
     if p.is_dir():
         # hidden folders (.git, .venv) are tooling, not the user's text
-        files = sorted(f for f in p.rglob('*') if f.suffix in TEXT_SUFFIXES and f.is_file()
+        files = sorted(f for f in p.rglob('*') if f.suffix in TEXT_SUFFIXES + TABLE_SUFFIXES and f.is_file()
                        and not any(part.startswith('.') for part in f.relative_to(p).parts))
     else:
         files = sorted(Path(f) for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
     if not files:
         raise PrepareError(f"no input files found at {pattern!r}: give a file, a directory of "
-                           f"{'/'.join(TEXT_SUFFIXES)} files, or a glob such as 'notes/*.txt'")
+                           f"{'/'.join(TEXT_SUFFIXES + TABLE_SUFFIXES)} files, or a glob such as 'notes/*.txt'")
     return files, pattern
 
 
@@ -138,11 +203,13 @@ def name_from_input(pattern):
     return (head.resolve() if head.is_dir() else head).name or 'input'
 
 
-def download(url, path):
-    """Fetch url to path once (later runs reuse it); a failure is one line that points to the offline default."""
+def download(url, path, size=None):
+    """Fetch url to path once (later runs reuse it); a failure is one line that points to the offline default.
+    With the size the server listed, a truncated download is an error too."""
     if path.exists():
         print(f"using {path} (downloaded before; delete it to fetch again)")
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + '.tmp')
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(tmp, 'wb') as f, \
@@ -151,11 +218,41 @@ def download(url, path):
             while block := r.read(CHUNK_BYTES):
                 f.write(block)
                 bar.update(len(block))
+        if size is not None and tmp.stat().st_size != size:
+            raise OSError(f"got {tmp.stat().st_size:,} bytes of {size:,}")
     except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are all OSErrors
         tmp.unlink(missing_ok=True)
         raise PrepareError(f"download of {url} failed ({getattr(e, 'reason', e)}). Offline? `python prepare.py` "
                            f"needs no download (Python stdlib corpus), or use --input=your_text.txt") from None
     os.replace(tmp, path)
+
+
+def hub_endpoint():
+    return os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')  # as huggingface_hub reads it
+
+
+def hub_files(repo, folder, pattern):
+    """[path, size] of the files of a hub dataset under folder whose names match pattern, sorted, from the hub's
+    tree listing (two plain HTTP routes, api/.../tree and resolve, are all we need: no client library)."""
+    url = f"{hub_endpoint()}/api/datasets/{repo}/tree/main/{urllib.parse.quote(folder)}"
+    entries = []
+    while url:  # the listing comes in pages, each naming the next in a Link header
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                entries += json.load(r)
+                url = next(iter(re.findall(r'<([^>]+)>;\s*rel="next"', r.headers.get('Link') or '')), None)
+        except (OSError, ValueError) as e:
+            raise PrepareError(f"listing {repo}/{folder} at {url} failed ({getattr(e, 'reason', e)}). Offline? "
+                               f"`python prepare.py` needs no download, or use --input='shards/*.parquet'") from None
+    files = sorted([e['path'], e['size']] for e in entries
+                   if e.get('type') == 'file' and fnmatch.fnmatch(Path(e['path']).name, pattern))
+    if not files:
+        raise PrepareError(f"no {pattern} files in {repo}/{folder} on {hub_endpoint()}: check --subset")
+    return files
+
+
+def hub_url(repo, path):
+    return f"{hub_endpoint()}/datasets/{repo}/resolve/main/{urllib.parse.quote(path)}"
 
 
 # -----------------------------------------------------------------------------
@@ -177,33 +274,321 @@ def token_chunks(files, tok, bar):
         yield [tok.eot_token]
 
 
+def make_out_dir(out_root, name):
+    out_dir = Path(out_root) / name
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / '.write_test').touch()  # fail now, not after an hour of tokenizing
+        (out_dir / '.write_test').unlink()
+    except OSError as e:
+        raise PrepareError(f"cannot write to {out_dir}/ ({e.strerror or e}): give a writable --out_root") from None
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# shard sets: documents from parquet or JSONL files, tokenized in parallel into fixed-size shards
+
+def import_parquet():
+    """pyarrow is needed only for parquet: an optional dependency, imported on that path alone."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PrepareError("reading parquet needs pyarrow, which is not installed: pip install pyarrow") from None
+    return pq
+
+
+def parquet_batches(path, text_column, first):
+    """(row, texts) for batches of BATCH_DOCS documents from row first on, read one row group at a time."""
+    pq = import_parquet()
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's ArrowInvalid for a file that is not parquet, OSError for an unreadable one
+        raise PrepareError(f"{path} is not a readable parquet file ({str(e).strip().splitlines()[0]})") from None
+    schema = pf.schema_arrow
+    if text_column not in schema.names or 'string' not in str(schema.field(text_column).type):
+        raise PrepareError(f"{path} has no text column {text_column!r} (its columns: {', '.join(schema.names)}): "
+                           f"give --text_column=NAME")
+    starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    if first >= starts[-1]:
+        return
+    group = int(np.searchsorted(starts, first, side='right')) - 1  # the row group that holds row first
+    row = int(starts[group])
+    for batch in pf.iter_batches(batch_size=BATCH_DOCS, row_groups=list(range(group, pf.num_row_groups)),
+                                 columns=[text_column]):
+        texts = batch.column(0).to_pylist()
+        if row < first:  # resuming inside this row group
+            texts, row = texts[first - row:], row + min(len(texts), first - row)
+        if texts:
+            yield row, texts
+            row += len(texts)
+
+
+def jsonl_batches(path, text_column, first):
+    """(row, texts) for batches of BATCH_DOCS documents from row first on: one JSON object per line (blank lines
+    are not documents)."""
+    row, texts = 0, []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row += 1
+            if row <= first:
+                continue
+            try:
+                text = json.loads(line)[text_column]
+                if not isinstance(text, (str, type(None))):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise PrepareError(f"{path} line {line_number}: not a JSON object with a string {text_column!r}: "
+                                   f"give --text_column=NAME, or fix the line") from None
+            texts.append(text)
+            if len(texts) == BATCH_DOCS:
+                yield row - len(texts), texts
+                texts = []
+    if texts:
+        yield row - len(texts), texts
+
+
+def read_documents(sources, text_column, start):
+    """(file index, row, texts) in order, from row start[1] of file start[0] on. A file from the hub is downloaded
+    when its turn comes, so --max_tokens downloads only the files it reads."""
+    for i in range(start[0], len(sources)):
+        name, size, path, url = sources[i]
+        if url:
+            download(url, path, size)
+        batches = parquet_batches if path.suffix == '.parquet' else jsonl_batches
+        for row, texts in batches(path, text_column, start[1] if i == start[0] else 0):
+            yield i, row, texts
+
+
+def encode_docs(tok, dtype, texts):
+    """The token ids of a batch of documents, each followed by tok.eot_token, and each document's token count."""
+    docs = [tok.encode(text or '') + [tok.eot_token] for text in texts]  # None (a missing value): an empty document
+    lens = np.array([len(d) for d in docs], dtype=np.int64)
+    return np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=int(lens.sum())), lens
+
+
+worker_tokenizer = None  # each worker process builds its own, by name, in init_worker
+
+
+def init_worker(tokenizer):
+    global worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which then stops the pool
+    worker_tokenizer = get_tokenizer(tokenizer)
+
+
+def encode_in_worker(dtype, texts):
+    return encode_docs(worker_tokenizer, dtype, texts)
+
+
+def tokenized(batches, tok, dtype, num_proc):
+    """(file index, row, ids, lens) for each batch of documents, in order, encoded by num_proc processes. At most
+    2 * num_proc batches are in flight, so memory stays flat however fast the reader is."""
+    if num_proc == 1:
+        for i, row, texts in batches:
+            yield i, row, *encode_docs(tok, dtype, texts)
+        return
+    with multiprocessing.Pool(num_proc, initializer=init_worker, initargs=(tok.name,)) as pool:
+        pending = collections.deque()
+        for batch in itertools.chain(batches, [None]):  # None: the end, so the last batches are yielded too
+            if batch is not None:
+                i, row, texts = batch
+                pending.append((i, row, pool.apply_async(encode_in_worker, (dtype, texts))))
+            while pending and (batch is None or len(pending) >= 2 * num_proc):
+                i, row, result = pending.popleft()
+                yield i, row, *result.get()
+
+
+def shard_name(j):
+    return 'val_000000.bin' if j == 0 else f'train_{j - 1:06d}.bin'  # the val shard comes first in the stream
+
+
+def write_meta(meta, meta_path):
+    """meta.json with one line per field and per list item (per file, per shard), written atomically."""
+    fields = [f'  {json.dumps(k)}: ' + (json.dumps(v) if not isinstance(v, list) else
+              '[' + ','.join(f'\n    {json.dumps(item)}' for item in v) + '\n  ]') for k, v in meta.items()]
+    tmp = meta_path.with_name(meta_path.name + '.tmp')
+    tmp.write_text('{\n' + ',\n'.join(fields) + '\n}\n')
+    os.replace(tmp, meta_path)
+
+
+def prepare_shards(sources, source, tok, out_dir, text_column, num_proc, max_tokens, shard_tokens, val_tokens):
+    """Tokenize the documents of parquet/JSONL files into val_000000.bin (the first val_tokens tokens) and
+    train_000000.bin, ... (shard_tokens each) until the documents end or max_tokens are written. Each shard goes to
+    a temp file, renamed when complete, and meta.json, rewritten after each shard, records where in the documents
+    the next shard starts: a rerun of the same command continues after the last finished shard, and writes what
+    an uninterrupted run writes. meta.json says complete: true only at the end (train.py waits for that)."""
+    t0 = time.time()
+    dtype = dtype_for(tok.vocab_size)
+    itemsize = np.dtype(dtype).itemsize
+    meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, dtype=dtype, eot_token=tok.eot_token,
+                doc_separator=f"token {tok.eot_token} after each document", source=source,
+                files=[[name, size] for name, size, _, _ in sources], text_column=text_column,
+                shard_tokens=shard_tokens, val_tokens=val_tokens)
+    meta_path = out_dir / 'meta.json'
+    old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    done = []  # the finished shards, in the order of the token stream: val_000000.bin, train_000000.bin, ...
+    if 'train_shards' in old:  # a shard set from an earlier run: continue it, if it was made the same way
+        changed = ['the input files' if k == 'files' else f"{k} {old.get(k)!r} -> {v!r}"
+                   for k, v in meta.items() if old.get(k) != v]
+        if changed:
+            raise PrepareError(f"{out_dir}/ holds shards made with other settings ({', '.join(changed)}): delete "
+                               f"{meta_path} to start over, or give another --name")
+        if old['complete'] and old['max_tokens'] == max_tokens:
+            print(f"{out_dir}/ is already complete ({old['val_tokens'] + old['train_tokens']:,} tokens): "
+                  f"nothing to do")
+            return old
+        for shard in old['val_shards'] + old['train_shards']:
+            target = val_tokens if not done else shard_tokens
+            kept = sum(s['tokens'] for s in done) + target
+            path = out_dir / shard['file']
+            if shard['tokens'] != target or (max_tokens and kept > max_tokens) or not path.exists() \
+                    or path.stat().st_size != target * itemsize:
+                break  # a partial last shard, or one past a smaller --max_tokens: redo it from its start
+            done.append(shard)
+    written = sum(s['tokens'] for s in done)
+    file_index, row, skip = done[-1]['end'] if done else (0, 0, 0)
+    budget = max_tokens or float('inf')
+    print(f"tokenizing {len(sources):,} file(s) from {source} with {tok.name} (vocab {tok.vocab_size:,}, {dtype}), "
+          f"{num_proc} process(es): val {val_tokens:,} tokens, then train shards of {shard_tokens:,}"
+          + (f", up to {max_tokens:,} tokens in all" if max_tokens else ''))
+    if done:
+        print(f"resuming after {len(done)} finished shard(s) ({written:,} tokens): at file {file_index + 1}, "
+              f"row {row:,}")
+
+    def save(complete):
+        meta.update(train_tokens=written - (done[0]['tokens'] if done else 0), max_tokens=max_tokens,
+                    complete=complete, val_shards=done[:1], train_shards=done[1:])
+        write_meta(meta, meta_path)
+
+    def finish(end):
+        """The shard in tmp is complete: give it its name, and record it with where the next one starts."""
+        out.close()
+        os.replace(tmp, out_dir / shard_name(len(done)))
+        done.append(dict(file=shard_name(len(done)), tokens=n, end=end))
+        save(complete=False)
+
+    out = tmp = None
+    start_tokens, docs = written, 0
+    stream = tokenized(read_documents(sources, text_column, (file_index, row)), tok, dtype, num_proc)
+    bar = tqdm(total=max_tokens or None, initial=written, unit='tok', unit_scale=True, desc='tokenizing')
+    try:
+        for file_index, row, ids, lens in stream:
+            starts = np.cumsum(lens) - lens  # where each document begins in ids
+            i, skip = skip, 0  # resuming: the first document's first skip tokens are in the last finished shard
+            while i < len(ids) and written < budget:
+                if out is None:
+                    tmp = out_dir / (shard_name(len(done)) + '.tmp')
+                    out, n = open(tmp, 'wb'), 0
+                    size = min(val_tokens if not done else shard_tokens, budget - written)  # this shard's tokens
+                take = min(size - n, len(ids) - i)
+                out.write(ids[i:i + take])
+                i, n, written = i + take, n + take, written + take
+                bar.update(take)
+                if n == size:  # the shard is full: the next one starts in the document that holds token i
+                    d = int(np.searchsorted(starts, i, side='right')) - 1
+                    finish([file_index, row + d, int(i - starts[d])] if i < len(ids) else
+                           [file_index, row + len(lens), 0])
+                    out = None
+            docs += len(lens)
+            bar.set_postfix_str(f"{docs:,} docs, file {file_index + 1}/{len(sources)}", refresh=False)
+            if written >= budget:
+                break
+        if out is not None:  # the documents ended inside a shard: it is the last one
+            finish([len(sources), 0, 0])
+            out = None
+    finally:  # also on Ctrl-C or an error: stop the workers, and leave no temp file behind
+        stream.close()
+        bar.close()
+        if out is not None:
+            out.close()
+            tmp.unlink(missing_ok=True)
+
+    val_n = done[0]['tokens'] if done else 0
+    if val_n < val_tokens or written - val_n < val_tokens:
+        for shard in done:
+            (out_dir / shard['file']).unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)  # so that a rerun with a smaller --val_tokens starts afresh
+        raise PrepareError(f"only {written:,} tokens in {source}: fewer than --val_tokens={val_tokens:,} for val and "
+                           f"as many again for train; give a smaller --val_tokens, e.g. {max(written // 100, 1)}")
+    names = {s['file'] for s in done}
+    for path in [*out_dir.glob('train_*.bin'), *out_dir.glob('val_*.bin'), out_dir / 'train.bin', out_dir / 'val.bin']:
+        if path.name not in names:  # shards of an earlier, longer run, or the single-file layout's bins
+            path.unlink(missing_ok=True)
+    save(complete=True)
+    dt, mb = time.time() - t0, itemsize / 1e6
+    print(f"wrote {out_dir}/ in {dt:.1f}s ({(written - start_tokens) / dt:,.0f} tokens/s): val_000000.bin {val_n:,} "
+          f"tokens, {len(done) - 1} train shard(s) {written - val_n:,} tokens ({(written - val_n) * mb:.1f} MB), "
+          f"meta.json; tokenizer {tok.name} (vocab {tok.vocab_size:,}, {dtype})")
+    return meta
+
+
 def prepare(dataset='stdlib', input='', name='', url='', tokenizer='auto', val_fraction=0.005,
-            out_root='data', max_files=0):
-    """Write data/<name>/{train.bin,val.bin,meta.json} and return the meta dict."""
+            out_root='data', max_files=0, text_column='text', subset='', num_proc=0, max_tokens=0,
+            shard_tokens=100_000_000, val_tokens=10_000_000):
+    """Write data/<name>/{train.bin,val.bin,meta.json}, or for parquet/JSONL documents (--input, or a hub dataset)
+    a shard set (prepare_shards), and return the meta dict. val_fraction is for the first layout; text_column,
+    subset, num_proc, max_tokens, shard_tokens and val_tokens for the second."""
     t0 = time.time()
     if not 0 < val_fraction < 1:
         raise PrepareError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    limits = dict(num_proc=(num_proc, 0, ' (0: all cores)'), max_tokens=(max_tokens, 0, ' (0: no limit)'),
+                  shard_tokens=(shard_tokens, 1, ''), val_tokens=(val_tokens, 1, ''))
+    for key, (value, low, note) in limits.items():
+        if value < low:
+            raise PrepareError(f"--{key} must be at least {low}{note}, got {value}")
+    if max_tokens and max_tokens < 2 * val_tokens:
+        raise PrepareError(f"--max_tokens={max_tokens:,} leaves fewer train tokens than the {val_tokens:,} val tokens "
+                           f"(--val_tokens): raise --max_tokens or lower --val_tokens")
     if input and (url or dataset != 'stdlib'):
         raise PrepareError("give either --input=PATH or --dataset=NAME/--url=URL, not both")
-    if not input and not url and dataset not in ('stdlib', *DATASETS):
-        raise PrepareError(f"unknown dataset {dataset!r}: use one of stdlib, {', '.join(DATASETS)} "
+    if not input and not url and dataset not in ('stdlib', *DATASETS, *HUB_DATASETS):
+        raise PrepareError(f"unknown dataset {dataset!r}: use one of stdlib, {', '.join([*DATASETS, *HUB_DATASETS])} "
                            f"(or --input=PATH for your own text)")
-    downloading = not input and (url or dataset != 'stdlib')
+    if dataset in HUB_DATASETS and url:
+        raise PrepareError(f"--url is for a text file to download; --dataset={dataset} comes from the hub")
+    if subset and dataset not in HUB_DATASETS:
+        raise PrepareError(f"--subset is a folder of a hub dataset ({', '.join(HUB_DATASETS)}), not of {dataset!r}")
+    num_proc = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())
+
+    sources = None  # parquet/JSONL files, for a shard set: (name in meta.json, size in bytes, local path, url)
     python_version = None
-    if input:
+    if dataset in HUB_DATASETS:
+        repo, folder, pattern, what = HUB_DATASETS[dataset]
+        folder, name = subset or folder, name or dataset
+        source = f"hf://datasets/{repo}/{folder}"
+        print(f"{dataset}: {what}")
+        import_parquet()  # fail now if pyarrow is missing, not after a download
+    elif input:
         name = name or name_from_input(input)
         files, source = local_files(input)
-    elif not downloading:
+        tables = [f.suffix in TABLE_SUFFIXES for f in files]
+        if any(tables) and not all(tables):
+            raise PrepareError(f"{input!r} mixes text files and {'/'.join(TABLE_SUFFIXES)} files: give one kind")
+        if all(tables):
+            sources = [(str(f), f.stat().st_size, f, None) for f in files]
+            if any(f.suffix == '.parquet' for f in files):
+                import_parquet()
+    elif not url and dataset == 'stdlib':
         name = name or 'stdlib'
         files, source = stdlib_files()
         python_version = platform.python_version()
     tok = get_tokenizer(tokenizer)  # before any download, so a missing gpt2 vocabulary fails fast
-    if downloading:
+    if dataset in HUB_DATASETS:
+        out_dir = make_out_dir(out_root, name)
+        sources = [(path, size, out_dir / 'download' / path, hub_url(repo, path))
+                   for path, size in hub_files(repo, folder, pattern)]
+    if sources is not None:
+        sources = sources[:max_files] if max_files > 0 else sources
+        return prepare_shards(sources, source, tok, make_out_dir(out_root, name), text_column, num_proc, max_tokens,
+                              shard_tokens, val_tokens)
+
+    if not input and (url or dataset != 'stdlib'):  # a text file to download
         name = name or (dataset if dataset != 'stdlib' else Path(url).stem or 'download')
         if dataset in DATASETS:
             print(f"{dataset}: {DATASETS[dataset][1]}")
             url = url or DATASETS[dataset][0]
-        (Path(out_root) / name).mkdir(parents=True, exist_ok=True)
+        make_out_dir(out_root, name)
         files, source = [Path(out_root) / name / 'input.txt'], url
         download(url, files[0])
     files = files[:max_files] if max_files > 0 else files
@@ -211,8 +596,7 @@ def prepare(dataset='stdlib', input='', name='', url='', tokenizer='auto', val_f
     if total_bytes == 0:
         raise PrepareError(f"the input has no text ({len(files)} empty file(s) from {source}): nothing to tokenize")
 
-    out_dir = Path(out_root) / name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_out_dir(out_root, name)
     dtype = dtype_for(tok.vocab_size)
     print(f"tokenizing {len(files):,} file(s), {total_bytes / 1e6:.1f} MB from {source} "
           f"with {tok.name} (vocab {tok.vocab_size:,}, {dtype})")
@@ -276,6 +660,8 @@ def parse_args(argv):
         if not arg.startswith('--') or not eq or key not in defaults:
             raise PrepareError(f"bad argument {arg!r}: use --key=value with key one of {', '.join(defaults)}")
         try:
+            if isinstance(defaults[key], int) and 'e' in value.lower() and float(value).is_integer():
+                value = int(float(value))  # --max_tokens=1e9
             config[key] = type(defaults[key])(value)
         except ValueError:
             raise PrepareError(f"--{key} expects {type(defaults[key]).__name__}, got {value!r}") from None

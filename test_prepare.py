@@ -1,8 +1,12 @@
 """Tests for prepare.py: fast, offline, everything written under pytest's tmp_path."""
+import base64
 import functools
+import hashlib
 import http.server
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -17,6 +21,13 @@ import prepare
 from prepare import PrepareError, get_tokenizer
 
 HERE = Path(__file__).parent
+REAL_GPT2_BPE_FILE = os.environ.get('GPT2_BPE_FILE')  # only test_real_gpt2_bpe_file uses it
+
+
+@pytest.fixture(autouse=True)
+def no_gpt2_bpe_file(monkeypatch):
+    """The tests decide themselves whether gpt2 loads (from tiktoken, a stand-in, or a file)."""
+    monkeypatch.delenv('GPT2_BPE_FILE', raising=False)
 
 
 def load(out_dir):
@@ -127,6 +138,36 @@ def test_real_tiktoken_offline_fails_fast_with_one_line(tmp_path):
     else:
         assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert '--tokenizer=byte' in r.stderr
+
+
+def test_gpt2_from_a_local_bpe_file(monkeypatch, tmp_path):
+    """GPT2_BPE_FILE: gpt2 with no download. Here a stand-in file (the 256 bytes and one merge), its hash patched in."""
+    ranks = [bytes([b]) for b in range(256)] + [b'he']
+    data = ''.join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(ranks)).encode()
+    (tmp_path / 'gpt2.tiktoken').write_bytes(data)
+    monkeypatch.setenv('GPT2_BPE_FILE', str(tmp_path / 'gpt2.tiktoken'))
+    monkeypatch.setattr(prepare, 'GPT2_BPE_SHA256', hashlib.sha256(data).hexdigest())
+    monkeypatch.setattr(tiktoken, 'get_encoding', fail_offline)  # the file, not the cache or the network
+    tok = get_tokenizer('auto')
+    assert (tok.name, tok.eot_token, tok.encode('hehe!')) == ('gpt2', 50256, [256, 256, 33])
+    assert tok.decode(tok.encode('Ünïcödé 🙂')) == 'Ünïcödé 🙂'
+    # another file: an error in one line, with --tokenizer=auto too (the user asked for that file: no fallback)
+    monkeypatch.setattr(prepare, 'GPT2_BPE_SHA256', '0' * 64)
+    for name in ('gpt2', 'auto'):
+        with pytest.raises(PrepareError, match="is not GPT-2's BPE file .*openai-whisper") as e:
+            get_tokenizer(name)
+        assert '\n' not in str(e.value)
+    monkeypatch.setenv('GPT2_BPE_FILE', str(tmp_path / 'missing.tiktoken'))
+    with pytest.raises(PrepareError, match='GPT2_BPE_FILE=.*missing.tiktoken: No such file'):
+        get_tokenizer('gpt2')
+
+
+@pytest.mark.skipif(not REAL_GPT2_BPE_FILE, reason='set GPT2_BPE_FILE to whisper/assets/gpt2.tiktoken to run it')
+def test_real_gpt2_bpe_file(monkeypatch):
+    monkeypatch.setenv('GPT2_BPE_FILE', REAL_GPT2_BPE_FILE)
+    tok = get_tokenizer('gpt2')
+    assert (tok.vocab_size, tok.eot_token, tok.encode('Hello world')) == (50257, 50256, [15496, 995])
+    assert tok.encode(' the quick brown fox') == [262, 2068, 7586, 21831]
 
 
 # --- local inputs -------------------------------------------------------------
@@ -283,3 +324,252 @@ def test_cli_end_to_end_prints_what_it_wrote(tmp_path):
     load(tmp_path / 'data' / 'notes')
     r = subprocess.run([sys.executable, str(HERE / 'prepare.py'), '--vocab_size=256'], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr
+
+
+# --- shard sets: parquet and JSONL documents ----------------------------------
+
+DOCS = [f"doc {i}: " + 'Ünïcödé 日本語 🙂 ' * (i % 4) + 'word ' * (i * 7 % 23) for i in range(300)]
+DOCS[5] = None  # a missing value: an empty document
+KILLER = """
+import os, signal, sys
+import prepare
+read = prepare.read_documents
+def read_then_die(*args):
+    for n, batch in enumerate(read(*args)):
+        if n == 6:
+            os.kill(os.getpid(), signal.SIGKILL)  # as kill -9: no cleanup at all
+        yield batch
+prepare.read_documents = read_then_die
+prepare.main(sys.argv[1:])
+"""
+
+
+def write_parquet(path, texts, row_group_size=37, column='text'):
+    pa = pytest.importorskip('pyarrow')
+    import pyarrow.parquet as pq
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({column: texts, 'id': list(range(len(texts)))}), path, row_group_size=row_group_size)
+
+
+def write_jsonl(path, texts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a blank line is not a document
+    path.write_text(''.join(json.dumps({'id': i, 'text': t}) + '\n' * (1 + (i == 3)) for i, t in enumerate(texts)))
+
+
+def byte_stream(texts):
+    return list(b''.join((t or '').encode() + b'\0' for t in texts))
+
+
+def load_shards(out_dir):
+    """meta.json and every token, val shard first, checking the shard files against the meta."""
+    meta = json.loads((out_dir / 'meta.json').read_text())
+    shards = meta['val_shards'] + meta['train_shards']
+    assert sorted(p.name for p in out_dir.glob('*.bin')) == sorted(s['file'] for s in shards)
+    assert not list(out_dir.glob('*.tmp'))
+    tokens = [np.fromfile(out_dir / s['file'], dtype=meta['dtype']) for s in shards]
+    assert [len(t) for t in tokens] == [s['tokens'] for s in shards]
+    return meta, np.concatenate(tokens)
+
+
+def test_parquet_and_jsonl_documents_become_shards_in_order(tmp_path):
+    write_parquet(tmp_path / 'in' / 'a.parquet', DOCS[:150])  # row groups of 37 rows
+    write_parquet(tmp_path / 'in' / 'b.parquet', DOCS[150:250], row_group_size=1000)
+    write_jsonl(tmp_path / 'in' / 'c.jsonl', DOCS[250:])
+    for num_proc in (1, 2):
+        out = tmp_path / f'data{num_proc}'
+        meta = prepare.prepare(input=str(tmp_path / 'in'), tokenizer='byte', out_root=str(out), shard_tokens=2000,
+                               val_tokens=1500, num_proc=num_proc)
+        m, tokens = load_shards(out / 'in')
+        assert m == meta and meta['complete'] and meta['files'][2][0].endswith('c.jsonl')
+        assert tokens.tolist() == byte_stream(DOCS)  # every document once, in order, each followed by the eot
+        sizes = [s['tokens'] for s in meta['val_shards'] + meta['train_shards']]
+        assert sizes[0] == meta['val_tokens'] == 1500 and set(sizes[1:-1]) == {2000} and 0 < sizes[-1] <= 2000
+        assert meta['train_tokens'] == sum(sizes[1:]) and meta['train_shards'][0]['file'] == 'train_000000.bin'
+    assert all((tmp_path / 'data1' / 'in' / f).read_bytes() == (tmp_path / 'data2' / 'in' / f).read_bytes()
+               for f in os.listdir(tmp_path / 'data1' / 'in'))  # the processes don't change the output
+
+
+def test_max_tokens_stops_early_and_reruns_continue_after_the_finished_shards(tmp_path, capsys):
+    write_jsonl(tmp_path / 'in' / 'docs.jsonl', DOCS)
+    args = dict(input=str(tmp_path / 'in' / '*.jsonl'), tokenizer='byte', shard_tokens=2000, val_tokens=1000,
+                num_proc=1)
+    full = prepare.prepare(**args, out_root=str(tmp_path / 'full'))
+    _, all_tokens = load_shards(tmp_path / 'full' / 'in')
+    out = tmp_path / 'part'
+    part = prepare.prepare(**args, out_root=str(out), max_tokens=6500)
+    meta, tokens = load_shards(out / 'in')
+    assert tokens.tolist() == all_tokens[:6500].tolist()
+    assert [s['tokens'] for s in meta['val_shards'] + meta['train_shards']] == [1000, 2000, 2000, 1500]
+    capsys.readouterr()
+    assert prepare.prepare(**args, out_root=str(out), max_tokens=6500) == part
+    assert 'nothing to do' in capsys.readouterr().out
+    # no limit now: the 3 full shards stay, the partial one is redone, and the result is that of one full run
+    assert prepare.prepare(**args, out_root=str(out)) == full
+    assert 'resuming after 3 finished shard(s) (5,000 tokens)' in capsys.readouterr().out
+    assert load_shards(out / 'in')[1].tolist() == all_tokens.tolist()
+    # other settings on the same output: an error, not a silent mix or a restart that throws hours away
+    with pytest.raises(PrepareError, match=r"holds shards made with other settings \(shard_tokens 2000 -> 3000\)"):
+        prepare.prepare(**{**args, 'shard_tokens': 3000}, out_root=str(out))
+
+
+def test_killed_run_resumes_to_the_same_shards(tmp_path):
+    """kill -9 in the middle of a parquet file and of a shard (2 processes), then the same command again."""
+    docs = [f'{i} {DOCS[i % 300] or ""}' for i in range(3000)]
+    write_parquet(tmp_path / 'in' / 'a.parquet', docs[:2000], row_group_size=300)
+    write_parquet(tmp_path / 'in' / 'b.parquet', docs[2000:], row_group_size=300)
+    (tmp_path / 'killer.py').write_text(KILLER)
+    args = [f"--input={tmp_path / 'in' / '*.parquet'}", '--tokenizer=byte', '--shard_tokens=3000', '--val_tokens=2000',
+            '--num_proc=2', f'--out_root={tmp_path / "data"}']
+    env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, str(tmp_path / 'killer.py'), *args], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == -9, r.stderr
+    killed = json.loads((tmp_path / 'data' / 'in' / 'meta.json').read_text())
+    assert not killed['complete'] and len(killed['train_shards']) >= 3
+    r = subprocess.run([sys.executable, str(HERE / 'prepare.py'), *args], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming after {len(killed['train_shards']) + 1} finished shard(s)" in r.stdout
+    meta, tokens = load_shards(tmp_path / 'data' / 'in')
+    assert tokens.tolist() == byte_stream(docs)
+    assert meta['val_shards'] + meta['train_shards'][:len(killed['train_shards'])] == \
+        killed['val_shards'] + killed['train_shards']
+    assert meta == prepare.prepare(input=str(tmp_path / 'in' / '*.parquet'), tokenizer='byte', shard_tokens=3000,
+                                   val_tokens=2000, num_proc=1, out_root=str(tmp_path / 'again'))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A stand-in for the Hugging Face hub on 127.0.0.1, where HF_ENDPOINT points: the tree listing of the
+    fineweb-edu dataset in two pages (Link header), and its files, through a redirect as the hub's resolve route."""
+    write_parquet(tmp_path / 'hub' / '000_00000.parquet', DOCS[:200], row_group_size=50)
+    write_parquet(tmp_path / 'hub' / '001_00000.parquet', DOCS[200:], row_group_size=50)
+    files = {name: (tmp_path / 'hub' / name).read_bytes() for name in ('000_00000.parquet', '001_00000.parquet')}
+    sizes = {name: len(data) for name, data in files.items()}  # what the listing says, even if a test cuts a file
+    tree = '/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/sample/10BT'
+    requests_seen = []
+
+    def entry(name):
+        return dict(type='file', path=f'sample/10BT/{name}', size=sizes[name], oid='x')
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests_seen.append(self.path)
+            resolve = '/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/'
+            if self.path == tree:
+                body, headers = [entry('000_00000.parquet'), dict(type='directory', path='sample/10BT/x'),
+                                 dict(type='file', path='sample/10BT/README.md', size=1)], \
+                    {'Link': f'<http://127.0.0.1:{self.server.server_port}{tree}?cursor=2>; rel="next"'}
+            elif self.path == tree + '?cursor=2':
+                body, headers = [entry('001_00000.parquet')], {}
+            elif self.path.startswith(resolve) and self.path[len(resolve):] in files:
+                self.send_response(302)
+                self.send_header('Location', '/cdn/' + self.path[len(resolve):])
+                self.end_headers()
+                return
+            elif self.path.startswith('/cdn/'):
+                data = files[self.path[len('/cdn/'):]]
+                self.send_response(200)
+                self.send_header('Content-Length', str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            else:
+                self.send_error(404)
+                return
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            for k, v in {'Content-Type': 'application/json', 'Content-Length': str(len(data)), **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Hub)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    monkeypatch.setenv('HF_ENDPOINT', f'http://127.0.0.1:{httpd.server_port}')
+    yield requests_seen, files
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_hub_dataset_downloads_only_what_it_reads_and_resumes(hub, tmp_path, capsys):
+    requests_seen, files = hub
+    args = dict(dataset='fineweb-edu', tokenizer='byte', out_root=str(tmp_path / 'data'), shard_tokens=2000,
+                val_tokens=1000, num_proc=1)
+    meta = prepare.prepare(**args, max_tokens=5000)  # within the first file: the second is not downloaded
+    assert not any('001_00000' in r for r in requests_seen)
+    assert meta['source'] == 'hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT'
+    assert meta['files'] == [[f'sample/10BT/{name}', len(data)] for name, data in files.items()]  # README.md is not
+    out = tmp_path / 'data' / 'fineweb-edu'
+    assert load_shards(out)[1].tolist() == byte_stream(DOCS)[:5000]
+    meta = prepare.prepare(**args)
+    assert 'resuming after 3 finished shard(s)' in capsys.readouterr().out
+    assert load_shards(out)[1].tolist() == byte_stream(DOCS) and meta['complete']
+    for name, data in files.items():
+        assert (out / 'download' / 'sample' / '10BT' / name).read_bytes() == data
+    # the same parquet files, local, give the same shards
+    local = prepare.prepare(**{**args, 'dataset': 'stdlib'}, input=str(tmp_path / 'hub' / '*.parquet'), name='local')
+    assert [local[k] == meta[k] for k in ('val_shards', 'train_shards')] == [True, True]
+
+
+def test_hub_failures_are_one_line(hub, tmp_path):
+    requests_seen, files = hub
+    with pytest.raises(PrepareError, match=r"listing HuggingFaceFW/fineweb-edu/sample/nothing at .* failed "
+                                           r"\(Not Found\)\. Offline\?") as e:
+        prepare.prepare(dataset='fineweb-edu', subset='sample/nothing', tokenizer='byte', out_root=str(tmp_path))
+    assert '\n' not in str(e.value)
+    files['001_00000.parquet'] = files['001_00000.parquet'][:100]  # the listing says more: a truncated download
+    with pytest.raises(PrepareError, match=r"download of .*001_00000.parquet failed \(got 100 bytes of [\d,]+\)"):
+        prepare.prepare(dataset='fineweb-edu', tokenizer='byte', out_root=str(tmp_path), val_tokens=1000, num_proc=1)
+    assert not list((tmp_path / 'fineweb-edu' / 'download' / 'sample' / '10BT').glob('001*'))
+
+
+def test_parquet_without_pyarrow_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'pyarrow', None)  # import pyarrow now raises ImportError
+    monkeypatch.setitem(sys.modules, 'pyarrow.parquet', None)
+    (tmp_path / 'a.parquet').write_bytes(b'PAR1')
+    for args in (dict(input=str(tmp_path / 'a.parquet')), dict(dataset='slimpajama')):
+        with pytest.raises(PrepareError, match=r'^reading parquet needs pyarrow, which is not installed: '
+                                               r'pip install pyarrow$'):
+            prepare.prepare(**args, tokenizer='byte', out_root=str(tmp_path / 'data'))
+
+
+def test_bad_shard_inputs_and_settings_are_one_line(tmp_path):
+    write_parquet(tmp_path / 'other' / 'x.parquet', ['a', 'b'], column='content')
+    (tmp_path / 'notparquet').mkdir()
+    (tmp_path / 'notparquet' / 'y.parquet').write_text('not parquet')
+    write_jsonl(tmp_path / 'badjson' / 'z.jsonl', ['fine'])
+    with open(tmp_path / 'badjson' / 'z.jsonl', 'a') as f:
+        f.write('{"txt": "no text field"}\n')
+    write_jsonl(tmp_path / 'small' / 's.jsonl', ['tiny'])
+    (tmp_path / 'mixed').mkdir()
+    (tmp_path / 'mixed' / 'a.txt').write_text('text')
+    write_jsonl(tmp_path / 'mixed' / 'b.jsonl', ['doc'])
+    (tmp_path / 'a_file').write_text('')
+    cases = [
+        (dict(input=str(tmp_path / 'nowhere' / '*.parquet')), "no input files found at"),
+        (dict(input=str(tmp_path / 'other')), "x.parquet has no text column 'text' (its columns: content, id): "
+                                              "give --text_column=NAME"),
+        (dict(input=str(tmp_path / 'notparquet')), "y.parquet is not a readable parquet file"),
+        (dict(input=str(tmp_path / 'badjson')), "z.jsonl line 2: not a JSON object with a string 'text'"),
+        (dict(input=str(tmp_path / 'small')), "only 5 tokens in"),
+        (dict(input=str(tmp_path / 'mixed')), "mixes text files and .parquet/.jsonl files"),
+        (dict(input=str(tmp_path / 'small'), out_root=str(tmp_path / 'a_file' / 'data')), "cannot write to"),
+        (dict(num_proc=-1), "--num_proc must be at least 0 (0: all cores), got -1"),
+        (dict(max_tokens=-5), "--max_tokens must be at least 0 (0: no limit), got -5"),
+        (dict(shard_tokens=0), "--shard_tokens must be at least 1, got 0"),
+        (dict(val_tokens=0), "--val_tokens must be at least 1, got 0"),
+        (dict(max_tokens=1000, val_tokens=600), "--max_tokens=1,000 leaves fewer train tokens than the 600 val"),
+        (dict(subset='sample/100BT'), "--subset is a folder of a hub dataset"),
+    ]
+    for args, expect in cases:
+        with pytest.raises(PrepareError, match=re.escape(expect)) as e:
+            prepare.prepare(**{'tokenizer': 'byte', 'out_root': str(tmp_path / 'data'), **args})
+        assert '\n' not in str(e.value)
+    assert prepare.parse_args(['--max_tokens=1e9', '--num_proc=2']) == dict(max_tokens=10 ** 9, num_proc=2)
+    with pytest.raises(PrepareError, match="--max_tokens expects int, got '1.5e0'"):
+        prepare.parse_args(['--max_tokens=1.5e0'])

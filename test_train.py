@@ -276,3 +276,57 @@ def test_ddp_a_nan_loss_on_one_rank_stops_every_rank_with_one_line(tmp_path, dat
     assert 'terminate called' not in p.stderr
     assert torch.load(out / 'ckpt.pt')['iter_num'] == 2
     assert [r['iter'] for r in read_log(out)] == [0, 2]
+
+
+def make_shards(root, train, val, vocab_size=64, complete=True):
+    """root/shards/: train_000000.bin, ... and val_000000.bin, listed in meta.json, as prepare.py writes a shard set."""
+    d = root / 'shards'
+    d.mkdir(parents=True)
+    meta = dict(tokenizer='byte', vocab_size=vocab_size, dtype='uint16', complete=complete, source='test_train.py')
+    for split, arrays in (('train', train), ('val', val)):
+        meta[f'{split}_shards'] = [dict(file=f'{split}_{k:06d}.bin', tokens=len(a)) for k, a in enumerate(arrays)]
+        for k, a in enumerate(arrays):
+            np.asarray(a, dtype=np.uint16).tofile(d / f'{split}_{k:06d}.bin')
+    (d / 'meta.json').write_text(json.dumps(meta))
+    return ['--data_dir=' + str(root), '--dataset=shards']
+
+
+def test_shards_train_with_crops_in_proportion_to_their_size_and_resume_exactly(monkeypatch, tmp_path):
+    rng = np.random.default_rng(2)
+    # token ranges tell the shards apart: [0, 20) in shard 0, [20, 40) in shard 1 (too short for one crop of 33
+    # tokens: it never appears), [40, 60) in shard 2
+    train_shards = [rng.integers(0, 20, 3000), rng.integers(20, 40, 20), rng.integers(40, 60, 1000)]
+    data = make_shards(tmp_path / 'data', train_shards, [rng.integers(0, 64, 300), rng.integers(0, 64, 300)])
+    flags = [*TINY, *data, '--max_iters=8', '--eval_interval=4', '--learning_rate=3e-3']
+    train(monkeypatch, *flags, f'--out_dir={tmp_path / "a"}')
+    interrupt_and_resume(monkeypatch, flags, tmp_path / 'b', at_iter=6, checkpoint_iter=4)
+    log_a, log_b = read_log(tmp_path / 'a'), read_log(tmp_path / 'b')
+    for r in log_a + log_b:
+        r.pop('time_s')
+    assert [r['iter'] for r in log_a] == [0, 4, 8] and log_a == log_b  # the same crops after the resume
+
+    monkeypatch.setattr(sys, 'argv', ['train.py', *flags, f'--out_dir={tmp_path / "c"}', '--max_iters=0'])
+    get_batch = runpy.run_path(TRAIN, run_name='__main__')['get_batch']
+    generator = torch.Generator().manual_seed(0)
+    x = torch.cat([get_batch('train', generator)[0] for _ in range(200)])  # (800, 32)
+    shard = x // 20
+    assert (shard == shard[:, :1]).all()  # a crop never spans two shards
+    counts = torch.bincount(shard[:, 0], minlength=3).tolist()
+    assert counts[1] == 0 and abs(counts[0] / 800 - (3000 - 32) / (3000 - 32 + 1000 - 32)) < 0.05
+
+
+def test_one_shard_trains_exactly_as_the_single_file_layout(monkeypatch, tmp_path):
+    rng = np.random.default_rng(3)
+    tokens, val = rng.integers(0, 64, 3000), rng.integers(0, 64, 500)
+    for layout, data in (('file', make_data(tmp_path / 'd1', tokens, val)),
+                         ('shards', make_shards(tmp_path / 'd2', [tokens], [val]))):
+        train(monkeypatch, *TINY, *data, f'--out_dir={tmp_path / layout}', '--max_iters=4', '--eval_interval=2')
+    log_file, log_shards = read_log(tmp_path / 'file'), read_log(tmp_path / 'shards')
+    assert [{k: v for k, v in r.items() if k != 'time_s'} for r in log_file] == \
+        [{k: v for k, v in r.items() if k != 'time_s'} for r in log_shards]
+
+
+def test_an_unfinished_shard_set_is_refused(monkeypatch, tmp_path):
+    data = make_shards(tmp_path / 'data', [np.zeros(500)], [np.zeros(500)], complete=False)
+    with pytest.raises(SystemExit, match=r"not complete \(prepare.py was interrupted.*run the same prepare.py command"):
+        train(monkeypatch, *TINY, *data, f'--out_dir={tmp_path / "out"}', '--max_iters=1')

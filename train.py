@@ -155,29 +155,48 @@ torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere and newer
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-# data: train.bin and val.bin are flat arrays of token ids, described by meta.json
+# data: flat arrays of token ids, described by meta.json: train.bin and val.bin, or the shards that meta.json lists
 data_path = os.path.join(data_dir, dataset)
-missing = [f for f in ('train.bin', 'val.bin', 'meta.json') if not os.path.exists(os.path.join(data_path, f))]
+meta = {}
+if os.path.exists(os.path.join(data_path, 'meta.json')):
+    with open(os.path.join(data_path, 'meta.json')) as f:
+        meta = json.load(f)
+data_files = {split: [s['file'] for s in meta[f'{split}_shards']] if f'{split}_shards' in meta else [f'{split}.bin']
+              for split in ('train', 'val')}
+missing = [f for f in (*data_files['train'], *data_files['val'], 'meta.json')
+           if not os.path.exists(os.path.join(data_path, f))]
 if missing:
-    raise SystemExit(f"no {', '.join(missing)} in {data_path}/: run `python prepare.py` first "
+    shown = ', '.join(missing[:3]) + (' ...' if len(missing) > 3 else '')  # a shard set can miss hundreds
+    raise SystemExit(f"no {shown} in {data_path}/: run `python prepare.py` first "
                      f"(it writes data/stdlib/; see `python prepare.py --help` for other data)")
-with open(os.path.join(data_path, 'meta.json')) as f:
-    meta = json.load(f)
-for split in ('train', 'val'):
-    n_tokens = os.path.getsize(os.path.join(data_path, f'{split}.bin')) // np.dtype(meta['dtype']).itemsize
-    if n_tokens < block_size + 1:
-        raise SystemExit(f"block_size={block_size} is larger than the {split} split ({n_tokens} tokens in "
-                         f"{data_path}/{split}.bin): use a smaller --block_size or prepare more text")
+if not meta.get('complete', True):
+    raise SystemExit(f"{data_path}/ is not complete (prepare.py was interrupted, or is still running): run the same "
+                     f"prepare.py command again, and it continues where it stopped")
+# get_batch numbers the crop starts of all the files in a row (a file of n tokens has n - block_size) and draws from
+# that numbering: a crop never spans two files, and every crop is equally likely (one file: nanoGPT's draw, exactly)
+first_crop = {}
+for split, files in data_files.items():
+    sizes = [os.path.getsize(os.path.join(data_path, f)) // np.dtype(meta['dtype']).itemsize for f in files]
+    if max(sizes) < block_size + 1:
+        where = f"{data_path}/{files[0]}" if len(files) == 1 else f"the largest of {len(files)} {split} shards"
+        raise SystemExit(f"block_size={block_size} is larger than the {split} split ({max(sizes)} tokens in "
+                         f"{where}): use a smaller --block_size or prepare more text")
+    first_crop[split] = np.cumsum([0] + [max(0, n - block_size) for n in sizes])  # (files + 1,)
 
 
 def get_batch(split, generator):
     """Random crops of block_size + 1 tokens: x is each crop without its last token, y without its first."""
+    ix = torch.randint(int(first_crop[split][-1]), (batch_size,), generator=generator).numpy()
+    file_index = np.searchsorted(first_crop[split], ix, side='right') - 1  # the file that holds each crop
     # memmap again for every batch: a memmap kept open for the whole run grows the resident memory
-    data = np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=meta['dtype'], mode='r')
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-    crops = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))  # (B, T+1)
+    data = {k: np.memmap(os.path.join(data_path, data_files[split][k]), dtype=meta['dtype'], mode='r')
+            for k in set(file_index.tolist())}
+    starts = ix - first_crop[split][file_index]
+    crops = torch.from_numpy(np.stack([data[k][i:i + block_size + 1] for k, i in zip(file_index, starts)])
+                             .astype(np.int64))  # (B, T+1)
     if int(crops.max()) >= vocab_size:
-        raise SystemExit(f"{split}.bin holds token id {int(crops.max())}, but the model's vocab_size is {vocab_size} "
+        bad_file = data_files[split][file_index[int(crops.max(dim=1).values.argmax())]]
+        raise SystemExit(f"{bad_file} holds token id {int(crops.max())}, but the model's vocab_size is {vocab_size} "
                          f"(meta.json says {meta['vocab_size']}): data and meta.json disagree; run prepare.py again")
     x, y = crops[:, :-1].contiguous(), crops[:, 1:].contiguous()  # (B, T) each
     if device_type == 'cuda':  # pinned memory lets the copy to the GPU run asynchronously
