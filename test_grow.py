@@ -121,7 +121,7 @@ def test_a_recurrent_block_cannot_be_grown():
 # -----------------------------------------------------------------------------
 # train.py --init_from=grow
 
-TINY = ['--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=4', '--eval_iters=2', '--log_interval=1',
+TINY = ['--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2', '--log_interval=1',
         '--device=cpu', '--compile=False', '--learning_rate=1e-2', '--warmup_iters=0']
 
 

@@ -173,7 +173,7 @@ def test_train_and_sample_a_recurrent_model(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / 'out')
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE)
     run = subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), '--structure=R', '--rec_window=4',
-                          '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=4', '--eval_iters=2',
+                          '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2',
                           '--max_iters=20', '--eval_interval=10', '--log_interval=10', '--warmup_iters=0',
                           '--learning_rate=1e-2', '--device=cpu', '--compile=False', f'--data_dir={tmp_path / "data"}',
                           '--dataset=tiny', f'--out_dir={out}'], env=env, capture_output=True, text=True, timeout=120)

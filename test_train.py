@@ -18,7 +18,7 @@ from model import SubLLM, SubLLMConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, 'train.py')
-TINY = ['--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=4', '--eval_iters=2', '--log_interval=1',
+TINY = ['--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2', '--log_interval=1',
         '--warmup_iters=0', '--device=cpu', '--compile=False', '--structure=TT(T(T)T)T']
 CKPT_KEYS = {'model', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'flops', 'config', 'meta',
              'rng', 'train_seconds'}
@@ -330,3 +330,24 @@ def test_an_unfinished_shard_set_is_refused(monkeypatch, tmp_path):
     data = make_shards(tmp_path / 'data', [np.zeros(500)], [np.zeros(500)], complete=False)
     with pytest.raises(SystemExit, match=r"not complete \(prepare.py was interrupted.*run the same prepare.py command"):
         train(monkeypatch, *TINY, *data, f'--out_dir={tmp_path / "out"}', '--max_iters=1')
+
+
+def test_bare_torchrun_runs_the_defaults_on_2_processes_and_refuses_3(tmp_path):
+    # the user's first command, in a fresh directory after `python prepare.py`: no config file, only flags that make
+    # it short (size, iterations, eval). The default accumulation (8) divides 1, 2, 4 and 8 processes; 3 is refused
+    p = subprocess.run([sys.executable, os.path.join(HERE, 'prepare.py'), '--tokenizer=byte'], capture_output=True,
+                       text=True, env=env1(), cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    short = ['--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=2', '--max_iters=2', '--eval_interval=2',
+             '--eval_iters=1']
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone']
+    p = subprocess.run([*torchrun, '--nproc_per_node=2', TRAIN, *short], capture_output=True, text=True, env=env1(),
+                       cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert '2 process(es)' in p.stdout and '= 2 process(es) x 4 accumulation x 2 batch x 32 block' in p.stdout
+    assert [r['iter'] for r in read_log(tmp_path / 'out')] == [0, 2]
+    p = subprocess.run([*torchrun, '--nproc_per_node=3', TRAIN, *short], capture_output=True, text=True, env=env1(),
+                       cwd=tmp_path, timeout=300)
+    assert p.returncode != 0
+    assert 'gradient_accumulation_steps=8 counts micro-steps over all processes, so it must be divisible by the ' \
+           'number of processes (3)' in p.stderr

@@ -63,9 +63,9 @@ grow_m = 2                      # DUS: n blocks -> 2 * (n - grow_m)
 # data
 data_dir = 'data'
 dataset = 'stdlib'              # reads data_dir/dataset/{train.bin, val.bin, meta.json}
-gradient_accumulation_steps = 1  # micro-steps per iteration, in total over all processes
-batch_size = 16                 # sequences per micro-step and process
-block_size = 256
+gradient_accumulation_steps = 8  # micro-steps per iteration over all processes: 8 runs on 1, 2, 4 or 8 of them
+batch_size = 16                 # sequences per micro-step and process (8 x 16 x 256 = 32,768 tokens per iteration)
+block_size = 256                # context length of the training crops
 # model: the fields of SubLLMConfig (vocab_size comes from meta.json)
 n_embd = 384
 n_head = 6

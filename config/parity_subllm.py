@@ -11,6 +11,7 @@ log_interval = 50
 always_save_checkpoint = False
 
 dataset = 'stdlib'
+gradient_accumulation_steps = 1
 batch_size = 8
 block_size = 256
 

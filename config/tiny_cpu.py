@@ -14,6 +14,7 @@ log_interval = 20
 always_save_checkpoint = False  # save when the val loss improves, and at the end
 
 dataset = 'stdlib'
+gradient_accumulation_steps = 1
 batch_size = 12
 block_size = 128
 
