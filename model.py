@@ -140,7 +140,8 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one block for decoding (gpt-fast style); each row writes at its own slots."""
+    """Preallocated keys and values of one block for decoding (gpt-fast style). Each batch row writes at its own
+    slots, and a step may touch only some rows: those whose token entered the block's level."""
 
     def __init__(self, batch_size, max_len, n_kv_head, head_dim, dtype, device):
         super().__init__()
@@ -148,12 +149,14 @@ class KVCache(nn.Module):
         self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots, k, v, length):
-        """slots (B, K): where each new token goes; k, v (B, Hkv, K, D). Returns the first `length` slots."""
-        index = slots[:, None, :, None].expand_as(k)
-        self.k.scatter_(2, index, k.to(self.k.dtype))
-        self.v.scatter_(2, index, v.to(self.v.dtype))
-        return self.k[:, :, :length].to(k.dtype), self.v[:, :, :length].to(v.dtype)
+    def update(self, rows, slots, k, v, length):
+        """Write k, v (b, Hkv, K, D) of cache rows `rows` (b,) at their slots (b, K); return those rows' first
+        `length` slots (b, Hkv, length, D): everything they cached."""
+        index = (rows[:, None, None], torch.arange(k.size(1), device=k.device)[None, :, None], slots[:, None, :])
+        self.k[index], self.v[index] = k.to(self.k.dtype), v.to(self.v.dtype)
+        if rows.size(0) == self.k.size(0):  # every row (they come in order): a view, no copy
+            return self.k[:, :, :length].to(k.dtype), self.v[:, :, :length].to(v.dtype)
+        return self.k[rows, :, :length].to(k.dtype), self.v[rows, :, :length].to(v.dtype)
 
 
 class Attention(nn.Module):
@@ -181,8 +184,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, is_causal = None, True
         if cache_ctx is not None:
-            slots, length, mask = cache_ctx
-            k, v = self.kv_cache.update(slots, k, v, length)  # (B, Hkv, length, D): everything this level cached
+            rows, slots, length, mask = cache_ctx
+            k, v = self.kv_cache.update(rows, slots, k, v, length)  # (B, Hkv, length, D): all these rows cached
             is_causal = mask is None  # first chunk into an empty cache is plain causal attention
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each K/V head among n_head/n_kv_head queries
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -385,13 +388,15 @@ class Stack(nn.Module):
                                      else Level(config, it, depth + 1) for it in items])
         self.cache_lens = None  # list of ints per row while decoding with a cache
 
-    def forward(self, x, pos, rope, valid=None, counts=None):
-        """x (B, T, C); pos (B or 1, T) original positions; valid (B, T) bool or None (no padding);
-        counts: real tokens per row (list of ints), known where the caller already synced it."""
+    def forward(self, x, pos, rope, valid=None, counts=None, rows=None):
+        """x (B, T, C); pos (B or 1, T) original positions; valid (B, T) bool or None (no padding); counts: real
+        tokens per row (ints), where the caller synced them; rows: which batch rows of the caches x's rows are
+        (ints; None: all), while decoding."""
         cos, sin = rope[0][pos], rope[1][pos]  # (B or 1, T, D/2): angles of the original positions
         cache_ctx = None
         if self.cache_lens is not None:
-            cache_ctx = self.cache_context(x.size(1), counts or [x.size(1)] * x.size(0), x.device)
+            rows = list(range(x.size(0))) if rows is None else rows
+            cache_ctx = self.cache_context(x.size(1), counts or [x.size(1)] * x.size(0), rows, x.device)
         for layer in self.layers:
             if isinstance(layer, Block):
                 if not layer.est_skip:  # EST switches whole blocks off for a step: the residual passes through
@@ -399,19 +404,22 @@ class Stack(nn.Module):
             elif isinstance(layer, RecurrentBlock):
                 x = layer(x, rope)  # window-local positions, its own decoding state
             else:
-                x = layer(x, pos, rope, valid)
+                x = layer(x, pos, rope, valid, rows)
         return x
 
-    def cache_context(self, K, counts, device):
-        """Slots for K new tokens per row, after what each row already cached, and the attention mask over them."""
-        lens = torch.tensor(self.cache_lens, device=device)
-        slots = lens[:, None] + torch.arange(K, device=device)  # (B, K); padding writes past the row's end, unused
-        length = max(self.cache_lens) + K
+    def cache_context(self, K, counts, rows, device):
+        """For K new tokens in each of these cache rows: the rows, each token's slot after what its row cached, the
+        length to attend over and the mask (a key slot is visible to a query at or after it; None: causal)."""
+        lens = [self.cache_lens[r] for r in rows]
+        rows_lens = torch.tensor([rows, lens], device=device)  # one host-to-device copy per stack and step
+        slots = rows_lens[1][:, None] + torch.arange(K, device=device)  # (B, K); padding writes past the end, unused
+        length = max(lens) + K
         mask = None
-        if max(self.cache_lens) > 0:  # a key slot is visible to a query if it is at or before the query's slot
+        if max(lens) > 0:
             mask = torch.arange(length, device=device)[None, None, None, :] <= slots[:, None, :, None]
-        self.cache_lens = [n + c for n, c in zip(self.cache_lens, counts)]
-        return slots, length, mask
+        for r, c in zip(rows, counts):
+            self.cache_lens[r] += c
+        return rows_lens[0], slots, length, mask
 
 
 class Level(nn.Module):
@@ -463,7 +471,7 @@ class Level(nn.Module):
         self.train_tokens_agree += ((selected == positive) & real).sum()
         self.train_tokens_dropped += (positive & ~selected).sum()
 
-    def forward(self, x, pos, rope, valid=None):
+    def forward(self, x, pos, rope, valid=None, rows=None):
         # (B, T): one score per token. Scoring rms_norm(x) changes no sign, only the scale: scores start near |s| ~ 1
         # whatever the residual stream's size, where the soft weights and the Balancer work. The running offset
         # centres them on the top-k cut, so that `score > 0` keeps ~keep_ratio.
@@ -481,15 +489,28 @@ class Level(nn.Module):
             else:  # threshold: `score > 0` as in decoding (causal), in a fixed capacity
                 idx, weights, kept, counts, selected = subsample_threshold(scores, valid, self.training_length(x.size(1)))
             self.count_training_selection(scores, selected, valid)
-        else:
+        else:  # eval: `score > 0`, token by token
             idx, weights, kept, counts, _ = subsample_threshold(scores, valid)
             self.tokens_in += x.size(0) * x.size(1) if valid is None else valid.sum()
             self.tokens_kept += kept.sum()
-            if idx.size(1) == 0:  # no token of any row entered: the level is the skip path, out = x
-                return x
-        x_short = gather_tokens(x, idx)                         # (B, k, C)
-        pos_short = gather_tokens(pos.expand(x.size(0), -1), idx)  # (B, k): original positions, for RoPE
-        y = self.inner(x_short, pos_short, rope, kept, counts)  # (B, k, C)
+            entering = [i for i, c in enumerate(counts) if c > 0]
+            if len(entering) < x.size(0):  # a row that no token enters takes the skip path (out = x): run the
+                if not entering:           # inner blocks for the others only (decoding at batch > 1)
+                    return x
+                sub = torch.argsort((~kept[:, 0]).to(torch.int8), stable=True)[:len(entering)]  # (b,) no host sync
+                K = max(counts[i] for i in entering)
+                rows = [i if rows is None else rows[i] for i in entering]
+                pos = pos if pos.size(0) == 1 else pos[sub]
+                part = self.run_inner(x[sub], pos, rope, idx[sub, :K], weights[sub, :K], kept[sub, :K],
+                                      [counts[i] for i in entering], rows)
+                return x.index_copy(0, sub, part)
+        return self.run_inner(x, pos, rope, idx, weights, kept, counts, rows)
+
+    def run_inner(self, x, pos, rope, idx, weights, kept, counts, rows):
+        """The level's tokens idx (B, k) through the inner blocks, scattered back and mixed by the bypass."""
+        x_short = gather_tokens(x, idx)                                # (B, k, C)
+        pos_short = gather_tokens(pos.expand(x.size(0), -1), idx)     # (B, k): original positions, for RoPE
+        y = self.inner(x_short, pos_short, rope, kept, counts, rows)  # (B, k, C)
         return self.bypass(x, upsample(x, y, idx, weights))
 
 # -----------------------------------------------------------------------------

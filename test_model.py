@@ -470,6 +470,42 @@ def test_cached_decoding_equals_full_forward(case, B, chunks):
         assert entered.any() and not entered.all(), (depth, entered)
 
 
+def test_batched_decoding_runs_a_level_only_for_the_rows_that_enter():
+    """At batch 4 the rows' new tokens enter different levels at every step. A level runs its inner blocks for
+    exactly the rows whose token enters it (and not at all when none does), the caches of the rows that skip stay
+    untouched, and every row's logits are those of the full forward."""
+    model = build(tiny(structure="T(T(TT)T)T", n_kv_head=2), seed=4, weight_scale=1.5).eval()
+    control = ScoreControl(model)
+    inner_rows = {}  # depth -> rows that each run of the level's inner blocks got
+    for level in model.levels():
+        level.inner.register_forward_pre_hook(
+            lambda stack, args, depth=level.depth: inner_rows.setdefault(depth, []).append(args[0].size(0)))
+    caches = {lv.depth: lv.inner.layers[0].attn for lv in model.levels()}  # the first block inside each level
+    idx = torch.randint(0, V, (4, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(idx, idx)[0]
+        model.setup_cache(4, 24)
+        logits = [model(idx[:, :8], idx[:, :8])[0]]  # the prefill
+        control.scores.clear()
+        inner_rows.clear()
+        for t in range(8, 24):
+            before = {d: attn.kv_cache.k.clone() for d, attn in caches.items()}
+            lens = {lv.depth: list(lv.inner.cache_lens) for lv in model.levels()}
+            logits.append(model(idx[:, t:t + 1], idx[:, t:t + 1])[0])
+            for lv in model.levels():  # a row whose token skipped the level: its cache is as it was
+                for r in range(4):
+                    if lv.inner.cache_lens[r] == lens[lv.depth][r]:
+                        assert torch.equal(caches[lv.depth].kv_cache.k[r], before[lv.depth][r])
+        model.setup_cache(None, None)
+    assert (torch.cat(logits, dim=1) - full).abs().max() < 1e-4
+    for depth in (1, 2):
+        entering = [int((s > 0).sum()) for _, s in control.scores[depth]]  # per step, of the rows that reached it
+        assert inner_rows[depth] == [n for n in entering if n > 0]
+        reached = [s.size(0) for _, s in control.scores[depth]]
+        assert any(0 < n < b for n, b in zip(entering, reached)), entering  # some rows in, some out
+    assert 0 in [int((s > 0).sum()) for _, s in control.scores[2]]  # and steps where no row enters level 2
+
+
 def test_cached_decoding_baseline():
     model = build(tiny(structure="TTT", n_kv_head=2), weight_scale=1.5).eval()
     idx = torch.randint(0, V, (2, 20))
