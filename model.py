@@ -1,13 +1,12 @@
 """
-SUBLLM: a LLaMA-style decoder whose middle blocks run on a learned subset of tokens.
-(SUBLLM, arXiv 2406.06571; Bypass and Balancer from Zipformer.) Reference: SUBLLM.md.
+SUBLLM (arXiv 2406.06571): a LLaMA-style decoder whose middle blocks run on a learned subset of tokens. Bypass and
+Balancer come from Zipformer; the reference is SUBLLM.md.
 
-A model is described by a structure string: `T` is a transformer block, `(` opens a subsampled level and `)`
-closes it. "TT(TT(TT)TT)TT" has two nested levels; "TTTTTTTTTT" is the plain LLaMA baseline, the same class.
-One level = score every token, keep a subset (subsample), run the inner blocks on the short sequence, scatter the
-result back to full length (upsample) and mix it with the skipped path through a learned per-channel gate (bypass).
-`R` is a recurrent block (Kausik, arXiv 2402.14746; see RecurrentBlock): one block applied over windows of
-rec_window tokens, at the top level only. "R" alone is a 1-block recurrent model, "TRT" puts one between blocks.
+A structure string describes the model: `T` is a transformer block, `(` opens a subsampled level and `)` closes
+it. "TT(TT(TT)TT)TT" has two nested levels; "TTTTTTTTTT" is the LLaMA baseline, the same class. A level scores
+every token, keeps a subset (subsample), runs its blocks on the short sequence, scatters the result back
+(upsample) and mixes it with the skipped path through a learned per-channel gate (bypass). `R` is a recurrent
+block (RecurrentBlock), at the top level only.
 """
 import math
 from dataclasses import dataclass, replace
@@ -81,25 +80,22 @@ def parse_structure(structure):
     """'TT(T(T)T)T' -> ['T', 'T', ['T', ['T'], 'T'], 'T']: a list of blocks ('T', 'R') and levels (nested lists)."""
     stack = [[]]
     for i, ch in enumerate(structure):
-        if ch == 'T':
-            stack[-1].append('T')
+        where = f"structure {structure!r}: {ch!r} at position {i}"
+        if ch == 'T' or (ch == 'R' and len(stack) == 1):
+            stack[-1].append(ch)
         elif ch == 'R':
-            if len(stack) > 1:
-                raise ValueError(f"structure {structure!r}: 'R' at position {i} is inside a subsampled level; a "
-                                 f"recurrent block works only at the top level (outside all parentheses)")
-            stack[-1].append('R')
+            raise ValueError(f"{where} is inside a subsampled level; a recurrent block works only at the top level")
         elif ch == '(':
             stack.append([])
+        elif ch == ')' and len(stack) == 1:
+            raise ValueError(f"{where} closes no level")
         elif ch == ')':
-            if len(stack) == 1:
-                raise ValueError(f"structure {structure!r}: ')' at position {i} closes no level")
+            if 'T' not in stack[-1]:
+                raise ValueError(f"{where} closes a level that has no 'T' block")
             level = stack.pop()
-            if 'T' not in level:
-                raise ValueError(f"structure {structure!r}: the level closed at position {i} has no 'T' block")
             stack[-1].append(level)
         else:
-            raise ValueError(f"structure {structure!r}: unknown character {ch!r} at position {i} "
-                             f"(use T, R, '(' and ')')")
+            raise ValueError(f"{where}: unknown character (use T, R, '(' and ')')")
     if len(stack) != 1:
         raise ValueError(f"structure {structure!r}: {len(stack) - 1} '(' never closed")
     if not stack[0]:
@@ -172,8 +168,7 @@ class Attention(nn.Module):
         self.kv_cache = None  # set by SubLLM.setup_cache for decoding
 
     def forward(self, x, cos, sin, cache_ctx=None, q_rows=None, kv_rows=None):
-        """q_rows, kv_rows: an EST sub-network's heads, as rows of wq (columns of wo) and of wk/wv. They are sliced
-        out of the weights, so the matmuls really shrink (masking would save nothing); None: every head."""
+        """q_rows, kv_rows: an EST sub-network's heads (est.py), sliced out of the weights; None: every head."""
         B, T, _ = x.shape
         wq, wk, wv, wo = self.wq.weight, self.wk.weight, self.wv.weight, self.wo.weight
         if q_rows is not None:
@@ -205,8 +200,7 @@ class MLP(nn.Module):
         self.up = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
         self.down = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
 
-    def forward(self, x, units=None):
-        """units: an EST sub-network's hidden units (rows of gate and up, columns of down), sliced; None: all."""
+    def forward(self, x, units=None):  # units: an EST sub-network's hidden units (est.py), sliced; None: all
         if units is None:
             return self.down(F.silu(self.gate(x)) * self.up(x))
         gate, up, down = self.gate.weight[units], self.up.weight[units], self.down.weight[:, units]
@@ -223,8 +217,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
-        # EST sub-network (SubLLM.set_subnetwork): skip the block, or run only these rows of the weights.
-        # None = the dense block. Buffers, so that they follow .to(device) and torch.compile sees them as inputs.
+        # The hook of Evolving Subnetwork Training (est.py): skip the block, or run these rows of the weights (None:
+        # the dense block). Buffers, so that they follow .to(device) and torch.compile sees them as inputs.
         self.est_skip = False
         self.register_buffer('est_q_rows', None, persistent=False)   # rows of wq (columns of wo): kept heads
         self.register_buffer('est_kv_rows', None, persistent=False)  # rows of wk and wv
@@ -234,21 +228,17 @@ class Block(nn.Module):
         if self.est_q_rows is None:  # the dense block
             x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache_ctx))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        # an EST sub-network: some heads and units, each branch scaled by 1/p like dropout, so that its output keeps
-        # the dense block's size in expectation; unsampled rows get a zero gradient
-        if cache_ctx is not None:
-            raise ValueError("a sub-network is for training: call set_subnetwork(None) before decoding with a cache")
+        # an EST sub-network: its fractions p of the heads and units, each branch scaled by 1/p like dropout
         p_heads, p_units = self.est_fractions()
-        attn = self.attn(self.attn_norm(x), cos, sin, None, self.est_q_rows, self.est_kv_rows)
-        x = x + self.dropout(attn * (1 / p_heads))
-        return x + self.dropout(self.mlp(self.mlp_norm(x), self.est_units) * (1 / p_units))
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, None, self.est_q_rows, self.est_kv_rows) / p_heads)
+        return x + self.dropout(self.mlp(self.mlp_norm(x), self.est_units) / p_units)
 
     def est_fractions(self):
-        """(fraction of the attention heads, fraction of the SwiGLU units) the block runs: p_heads and p_units."""
+        """(p_heads, p_units): the fractions of the attention heads and SwiGLU units that the block runs."""
         if self.est_q_rows is None:
             return 1, 1
-        heads = self.est_q_rows.numel() / self.attn.wq.weight.size(0)
-        return heads, self.est_units.numel() / self.mlp.gate.weight.size(0)
+        return (self.est_q_rows.numel() / self.attn.wq.weight.size(0),
+                self.est_units.numel() / self.mlp.gate.weight.size(0))
 
 # -----------------------------------------------------------------------------
 # SUBLLM pieces: Balancer, subsample, upsample, Bypass, Level
@@ -433,10 +423,9 @@ class Level(nn.Module):
         self.register_buffer('score_offset', torch.tensor(0.0))  # running top-k cut, saved: inference needs it
         self.inner = Stack(config, items, depth)
         self.bypass = Bypass(config.n_embd)
-        # Counters for logs (tensors: torch.compile does not recompile as they grow). Eval: tokens offered, kept.
+        # Counters for the logs (a tensor: torch.compile does not recompile as it grows). Eval: tokens offered, kept.
         # Training: offered, selected as eval's `score > 0` would, positive but skipped (below the cut, or overflow).
-        for name in ('tokens_in', 'tokens_kept', 'train_tokens_in', 'train_tokens_agree', 'train_tokens_dropped'):
-            self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer('stats', torch.zeros(5, dtype=torch.long), persistent=False)
 
     @torch.no_grad()
     def track_cut(self, scores, valid=None, momentum=0.05):
@@ -463,14 +452,6 @@ class Level(nn.Module):
         slack = self.config.capacity_slack if self.depth == 1 else 0.0
         return min(T, math.ceil(self.keep_ratio * T * (1 + slack)))
 
-    @torch.no_grad()
-    def count_training_selection(self, scores, selected, valid):
-        real = torch.ones_like(selected) if valid is None else valid
-        positive = (scores > 0) & real
-        self.train_tokens_in += real.sum()
-        self.train_tokens_agree += ((selected == positive) & real).sum()
-        self.train_tokens_dropped += (positive & ~selected).sum()
-
     def forward(self, x, pos, rope, valid=None, rows=None):
         # (B, T): one score per token. Scoring rms_norm(x) changes no sign, only the scale: scores start near |s| ~ 1
         # whatever the residual stream's size, where the soft weights and the Balancer work. The running offset
@@ -488,11 +469,13 @@ class Level(nn.Module):
                 selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, idx, True)
             else:  # threshold: `score > 0` as in decoding (causal), in a fixed capacity
                 idx, weights, kept, counts, selected = subsample_threshold(scores, valid, self.training_length(x.size(1)))
-            self.count_training_selection(scores, selected, valid)
+            real = torch.ones_like(selected) if valid is None else valid
+            positive = (scores > 0) & real
+            self.stats[2:] += torch.stack([real.sum(), ((selected == positive) & real).sum(), (positive & ~selected).sum()])
         else:  # eval: `score > 0`, token by token
             idx, weights, kept, counts, _ = subsample_threshold(scores, valid)
-            self.tokens_in += x.size(0) * x.size(1) if valid is None else valid.sum()
-            self.tokens_kept += kept.sum()
+            self.stats[0] += x.size(0) * x.size(1) if valid is None else valid.sum()
+            self.stats[1] += kept.sum()
             entering = [i for i, c in enumerate(counts) if c > 0]
             if len(entering) < x.size(0):  # a row that no token enters takes the skip path (out = x): run the
                 if not entering:           # inner blocks for the others only (decoding at batch > 1)
@@ -675,19 +658,16 @@ class SubLLM(nn.Module):
 
     def reset_level_stats(self):
         for level in self.levels():
-            for counter in (level.tokens_in, level.tokens_kept, level.train_tokens_in, level.train_tokens_agree,
-                            level.train_tokens_dropped):
-                counter.zero_()
+            level.stats.zero_()
 
     def level_stats(self):
         """Per level, in eval mode since the last reset: (depth, tokens offered, tokens kept)."""
-        return [(level.depth, level.tokens_in.item(), level.tokens_kept.item()) for level in self.levels()]
+        return [(level.depth, *level.stats[:2].tolist()) for level in self.levels()]
 
     def selection_stats(self):
-        """Per level, in training mode since the last reset: (depth, tokens offered, tokens whose selection agrees
-        with eval's `score > 0`, positive tokens the training selection skipped)."""
-        return [(level.depth, level.train_tokens_in.item(), level.train_tokens_agree.item(),
-                 level.train_tokens_dropped.item()) for level in self.levels()]
+        """Per level, in training since the last reset: (depth, tokens offered, tokens whose selection agrees with
+        eval's `score > 0`, positive tokens the training selection skipped)."""
+        return [(level.depth, *level.stats[2:].tolist()) for level in self.levels()]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
