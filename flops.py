@@ -5,7 +5,7 @@ beside the measured speedup: the gap is the overhead of scoring, sorting, gather
 """
 import torch
 
-from model import Block, RecurrentBlock
+from model import Block, RecurrentBlock, est_fractions
 
 
 def forward_flops(model, T, keep=None):
@@ -26,7 +26,7 @@ def forward_flops(model, T, keep=None):
         for layer in stack.layers:
             if isinstance(layer, Block):
                 if not layer.est_skip:  # with an EST sub-network: only the heads and units it runs
-                    total += block_flops(t, *layer.est_fractions())  # fractions 1, 1 for the dense block
+                    total += block_flops(t, *est_fractions(layer))  # fractions 1, 1 for the dense block
             elif isinstance(layer, RecurrentBlock):  # the block on each window as RecurrentBlock.recur runs it
                 w = layer.window
                 sizes = [min(w, t - start) for start in range(0, t, w)]  # the windows; the last may be shorter

@@ -6,7 +6,7 @@ A structure string describes the model: `T` is a transformer block, `(` opens a 
 it. "TT(TT(TT)TT)TT" has two nested levels; "TTTTTTTTTT" is the LLaMA baseline, the same class. A level scores
 every token, keeps a subset (subsample), runs its blocks on the short sequence, scatters the result back
 (upsample) and mixes it with the skipped path through a learned per-channel gate (bypass). `R` is a recurrent
-block (RecurrentBlock), at the top level only.
+block (recurrent.py), at the top level only.
 """
 import math
 from dataclasses import dataclass, replace
@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from recurrent import RecurrentBlock  # structure character 'R': one block applied over windows of tokens
 
 
 @dataclass
@@ -51,23 +53,21 @@ class SubLLMConfig:
             self.ffn_hidden = 256 * math.ceil(int(8 * self.n_embd / 3) / 256)
         if isinstance(self.keep_ratio, list):
             self.keep_ratio = tuple(self.keep_ratio)
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.n_head % self.n_kv_head != 0:
-            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
-        if (self.n_embd // self.n_head) % 2 != 0:
-            raise ValueError(f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
         depth = max_depth(parse_structure(self.structure))
         ratios = self.keep_ratio if isinstance(self.keep_ratio, tuple) else (self.keep_ratio,) * depth
-        if len(ratios) < depth:
-            raise ValueError(f"keep_ratio {self.keep_ratio} has {len(ratios)} values but the structure has "
-                             f"{depth} nested levels: give one float, or one per level")
-        for ok, message in [(all(0.0 < r <= 1.0 for r in ratios), f"keep_ratio {self.keep_ratio} must be in (0, 1]"),
-                            (self.selection in ('topk', 'threshold'), "selection must be 'topk' or 'threshold'"),
-                            (self.balancer in ('strong', 'spec'), "balancer must be 'strong' or 'spec'"),
-                            (self.capacity_slack >= 0, f"capacity_slack must be >= 0, got {self.capacity_slack}"),
-                            (self.rec_window >= 1, f"rec_window={self.rec_window} must be at least 1"),
-                            (0.0 <= self.rec_alpha <= 1.0, f"rec_alpha={self.rec_alpha} must be in [0, 1]")]:
+        head_size = self.n_embd // self.n_head
+        for ok, message in [
+                (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"),
+                (self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be divisible by n_kv_head"),
+                (head_size % 2 == 0, f"head size n_embd/n_head={head_size} must be even for RoPE"),
+                (len(ratios) >= depth, f"keep_ratio {self.keep_ratio} has {len(ratios)} values for {depth} nested "
+                                       f"levels: give one float, or one per level"),
+                (all(0.0 < r <= 1.0 for r in ratios), f"keep_ratio {self.keep_ratio} must be in (0, 1]"),
+                (self.selection in ('topk', 'threshold'), "selection must be 'topk' or 'threshold'"),
+                (self.balancer in ('strong', 'spec'), "balancer must be 'strong' or 'spec'"),
+                (self.capacity_slack >= 0, f"capacity_slack must be >= 0, got {self.capacity_slack}"),
+                (self.rec_window >= 1, f"rec_window={self.rec_window} must be at least 1"),
+                (0.0 <= self.rec_alpha <= 1.0, f"rec_alpha={self.rec_alpha} must be in [0, 1]")]:
             if not ok:
                 raise ValueError(message)
 
@@ -228,17 +228,18 @@ class Block(nn.Module):
         if self.est_q_rows is None:  # the dense block
             x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache_ctx))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        # an EST sub-network: its fractions p of the heads and units, each branch scaled by 1/p like dropout
-        p_heads, p_units = self.est_fractions()
+        # an EST sub-network: fractions p of the heads and units, each branch scaled by 1/p like dropout
+        p_heads, p_units = est_fractions(self)
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, None, self.est_q_rows, self.est_kv_rows) / p_heads)
         return x + self.dropout(self.mlp(self.mlp_norm(x), self.est_units) / p_units)
 
-    def est_fractions(self):
-        """(p_heads, p_units): the fractions of the attention heads and SwiGLU units that the block runs."""
-        if self.est_q_rows is None:
-            return 1, 1
-        return (self.est_q_rows.numel() / self.attn.wq.weight.size(0),
-                self.est_units.numel() / self.mlp.gate.weight.size(0))
+
+def est_fractions(block):
+    """(p_heads, p_units): the fractions of its attention heads and SwiGLU units that a block runs (EST)."""
+    if block.est_q_rows is None:
+        return 1, 1
+    return (block.est_q_rows.numel() / block.attn.wq.weight.size(0),
+            block.est_units.numel() / block.mlp.gate.weight.size(0))
 
 # -----------------------------------------------------------------------------
 # SUBLLM pieces: Balancer, subsample, upsample, Bypass, Level
@@ -255,10 +256,7 @@ class Balancer(torch.autograd.Function):
     SIZE_GAIN = 0.04  # the spec's gain, for keeping mean |score| in [1, 4]
 
     @staticmethod
-    def forward(ctx, scores, keep_ratio, prob, valid=None, spec=False):
-        """valid (B, T) bool or None: the real tokens, where a level's input is padded (threshold selection).
-        spec: the spec's Balancer instead (Zipformer's: count push up to SIZE_GAIN outside keep +- 0.05, the task
-        gradient as it is), for the quality ablation."""
+    def forward(ctx, scores, keep_ratio, prob, valid=None, spec=False):  # valid (B, T): real tokens, or None
         ctx.save_for_backward(scores, prob, valid)
         ctx.keep_ratio, ctx.spec = keep_ratio, spec
         return scores.view_as(scores)
@@ -374,8 +372,8 @@ class Stack(nn.Module):
 
     def __init__(self, config, items, depth):
         super().__init__()
-        self.layers = nn.ModuleList([Block(config) if it == 'T' else RecurrentBlock(config) if it == 'R'
-                                     else Level(config, it, depth + 1) for it in items])
+        self.layers = nn.ModuleList([Block(config) if it == 'T' else RecurrentBlock(Block(config), config)
+                                     if it == 'R' else Level(config, it, depth + 1) for it in items])
         self.cache_lens = None  # list of ints per row while decoding with a cache
 
     def forward(self, x, pos, rope, valid=None, counts=None, rows=None):
@@ -495,65 +493,6 @@ class Level(nn.Module):
         pos_short = gather_tokens(pos.expand(x.size(0), -1), idx)     # (B, k): original positions, for RoPE
         y = self.inner(x_short, pos_short, rope, kept, counts, rows)  # (B, k, C)
         return self.bypass(x, upsample(x, y, idx, weights))
-
-# -----------------------------------------------------------------------------
-# Recurrent block (Kausik, "Scaling Efficient LLMs", arXiv 2402.14746): structure character 'R'
-
-
-class RecurrentBlock(nn.Module):
-    """One Block T applied over windows X_0, X_1, ... of w = rec_window tokens, so that its cost grows linearly with
-    the length: H_0 = T(X_0); [Y_{k-1}; H_k] = T([H_{k-1} + a_{k-1}; X_k + a_{k-1}]) (causal over 2w positions);
-    the last readout Y_last = T(H_last + a_last); a_0 = 0, a_k = alpha * Y_{k-1} (alpha = 0: forget, > 0:
-    accumulate). Window k's output is Y_k, and H_k (w vectors) is the state carried on. RoPE positions are local to
-    the window, so it runs on any length. Decoding reruns the open window from the last state: O(w) per token.
-    docs/recurrent.md has the derivation and where this differs from the author's code."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.block = Block(config)
-        self.window = config.rec_window
-        self.accumulate = config.rec_alpha > 0 or config.rec_learn_alpha
-        self.alpha = nn.Parameter(torch.tensor(config.rec_alpha)) if config.rec_learn_alpha else config.rec_alpha
-        self.decoding, self.state, self.pending = False, None, None  # set by SubLLM.setup_cache
-
-    def forward(self, x, rope):
-        """x (B, T, C) -> (B, T, C); rope: the (cos, sin) tables. While decoding, x continues the sequence."""
-        if not self.decoding:
-            return self.recur(x, None, rope)[0]
-        inputs = x if self.pending is None else torch.cat([self.pending, x], dim=1)  # (B, j + T, C): the open window
-        y, self.state, n_done = self.recur(inputs, self.state, rope)
-        self.pending = inputs[:, n_done:]  # inputs of the window still open (fewer than w)
-        return y[:, -x.size(1):]
-
-    def recur(self, x, state, rope):
-        """The recurrence over x (B, L, C), after the window whose state is `state` ((H, a), or None at the start).
-        Returns the outputs at x's positions (B, L, C), the state after x's last complete window, and the number of
-        x's tokens in complete windows."""
-        w, L = self.window, x.size(1)
-        cos, sin = rope[0][None, :2 * w], rope[1][None, :2 * w]  # (1, 2w, D/2): window-local positions
-        alpha = self.alpha.clamp(0.0, 1.0) if isinstance(self.alpha, nn.Parameter) else self.alpha
-        outputs, done_state, n_done = [], state, 0
-        for x_k in x.split(w, dim=1):  # the method's sequential part: one step per window (L/w), not per token
-            n = x_k.size(1)  # w, or fewer for the last window
-            if state is None:
-                h, a = self.block(x_k, cos[:, w:w + n], sin[:, w:w + n]), None  # H_0; a_0 = 0
-            else:
-                h_prev, a = state
-                inp = torch.cat([h_prev, x_k], dim=1)  # (B, w + n, C): [state; new tokens]
-                if a is not None:  # accumulate: alpha * the previous readout, added to both halves
-                    inp = inp + torch.cat([a, a[:, :n]], dim=1)
-                out = self.block(inp, cos[:, :w + n], sin[:, :w + n])  # causal over the w + n positions
-                outputs.append(out[:, :w])  # Y of the previous window
-                h, a = out[:, w:], alpha * out[:, :w] if self.accumulate else None
-            state = (h, a)
-            if n == w:
-                done_state, n_done = state, n_done + w
-        h, a = state
-        n = h.size(1)
-        outputs.append(self.block(h if a is None else h + a[:, :n], cos[:, :n], sin[:, :n]))  # the last readout
-        # a run that continues from a state first re-emits that state window's readout: keep x's positions only
-        return torch.cat(outputs, dim=1)[:, -L:], done_state, n_done
-
 
 # -----------------------------------------------------------------------------
 # The model
