@@ -24,6 +24,7 @@ its level before the measurement) on CPU. Every global in the first section is a
 import ctypes
 import gc
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -35,12 +36,14 @@ from tqdm import tqdm
 
 from configurator import configure
 from flops import forward_flops, gpu_peak_flops
-from model import SubLLM, SubLLMConfig, Level, llama_twin
+from model import SubLLM, SubLLMConfig, Level, RecurrentBlock, Stack, llama_twin
 
 PAPER = 'TTTTT(TTTTT(TTTT)TTTTT)TTTTT'  # 24 blocks, two nested levels (SUBLLM.md §2)
-PRESETS = {  # the paper's two sizes and a tiny one for a CPU
+PRESETS = {  # the paper's two sizes, and a tiny and a mid-sized one for a CPU (mid: < 3 min on 2 busy cores)
     'tiny': dict(n_embd=128, n_head=4, ffn_hidden=512, vocab_size=512, structure='TT(TT(TT)TT)TT',
                  seq_lens='256,512', tokens_per_batch=1024),
+    'mid': dict(n_embd=512, n_head=8, ffn_hidden=1408, vocab_size=512, structure='TT(TT(TT)TT)TT',  # 32.6M
+                seq_lens='1024', tokens_per_batch=2048, decode_batch=4, decode_tokens=64, iters=3),
     '250m': dict(n_embd=768, n_head=12, ffn_hidden=2048, vocab_size=50304, structure=PAPER,
                  seq_lens='2048,4096,8192', tokens_per_batch=16384),
     '1300m': dict(n_embd=2048, n_head=16, ffn_hidden=5504, vocab_size=32000, structure=PAPER,
@@ -49,7 +52,7 @@ PRESETS = {  # the paper's two sizes and a tiny one for a CPU
 GPU_DEFAULTS = dict(decode_batch=8, decode_tokens=64, warmup=3, iters=10, dtype='bfloat16', compile=True)
 # -----------------------------------------------------------------------------
 device = 'auto'                    # 'auto' (cuda if available, else cpu), 'cpu', 'cuda'
-preset = 'auto'                    # tiny, 250m or 1300m: the dims, structure, lengths below; auto: 250m on a GPU,
+preset = 'auto'                    # tiny, mid, 250m or 1300m: the dims, structure, lengths below; auto: 250m on a GPU,
                                    # tiny on a CPU. A setting given explicitly wins over the preset's
 n_embd = 0                         # 0 (and '' below): the preset's value
 n_head = 0
@@ -119,30 +122,50 @@ else:
     subllm = SubLLM(config)
 models = {'llama': SubLLM(llama_twin(config)).to(device), 'subllm': subllm.to(device)}
 label = 'recurrent' if 'R' in config.structure else 'SUBLLM'  # the model measured against its LLaMA twin
+calibrate = not init_from  # a checkpoint's scorers are trained: measure the fractions they keep
 
 
 @torch.no_grad()
-def calibrate_scorers(model, idx):
-    """Make eval-mode `score > 0` keep keep_ratio of the tokens at every level, as a trained model does (there,
-    Level.track_cut has moved each level's score_offset to its top-k cut). A random-init model's offsets are 0 and
-    its scores symmetric around 0, so it would keep about half of the tokens and prefill/decode would measure a
-    different model from the one trained. So each level's score_offset is set to the (1 - keep_ratio) quantile of
-    its raw scores on the calibration tokens idx (R, T), fed one row at a time so that no padding enters a level.
-    Outer levels are done first, since they decide which tokens an inner level sees."""
+def calibrate_scorers(model, run, start=0):
+    """Make eval-mode `score > 0` keep keep_ratio of the tokens that reach each level in run() (a measurement's own
+    forward passes: its inputs, mode and batch), as a trained model does on text (there, Level.track_cut has moved
+    each level's score_offset to its top-k cut). A random-init model's offsets are 0, so it would keep about half of
+    the tokens, and its scores carry a large shift per sequence: an offset fitted on other random sequences kept
+    0.25 to 0.72 of one sequence's tokens at level 2 (mid preset). So each level's score_offset is set to the
+    (1 - keep_ratio) quantile of its raw scores in run(), counting the real tokens (not padding) at positions >=
+    start (decode: the decoded tokens, not the prompt). Depth by depth: which tokens reach a level depends on the
+    offsets of the levels around it, and the scores of the tokens that reach it are the same in run() and in the
+    measurement after it."""
     model.eval()
-    for level in model.levels():  # pre-order: a level comes before the levels inside it
-        seen = []
-        record = level.scorer.register_forward_hook(lambda m, args, out: seen.append(out.float().flatten()))
-        for row in idx:
-            model(row[None])
-        record.remove()
-        level.score_offset.fill_(torch.quantile(torch.cat(seen), 1 - level.keep_ratio))
+    levels = model.levels()
+    for depth in sorted({level.depth for level in levels}):
+        seen = {level: [] for level in levels if level.depth == depth}
+        context, hooks = {}, []
+        for level in seen:  # Level.forward(x, pos, rope, valid, rows) calls its scorer first
+            hooks.append(level.register_forward_pre_hook(
+                lambda lv, args: context.__setitem__(lv, (args[1], args[3]))))
+            hooks.append(level.scorer.register_forward_hook(
+                lambda _, args, out, lv=level: seen[lv].append(scores_counted(out, *context[lv], start))))
+        try:
+            with ctx:
+                run()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for level, scores in seen.items():
+            scores = torch.cat(scores)
+            if scores.numel():  # no token reached the level: its offset stays
+                level.score_offset.fill_(torch.quantile(scores, 1 - level.keep_ratio))
 
 
-if not init_from:  # a checkpoint's scorers are trained: measure the fractions they keep
-    L = min(lengths)  # random-init scores depend on the token far more than on the length
-    calibrate_scorers(models['subllm'], torch.randint(config.vocab_size, (max(1, tokens_per_batch // L), L),
-                                                      device=device))
+def scores_counted(out, pos, valid, start):
+    """A scorer's raw scores (B, T, 1) of the real tokens at positions >= start, flat. pos (B or 1, T); valid (B, T)
+    bool or None (no padding)."""
+    scores = out.squeeze(-1).float()
+    counted = (pos >= start).expand_as(scores)
+    return scores[counted if valid is None else counted & valid]
+
+
 if compile:  # static shapes, one graph per length and mode; SUBLLM's eval (data-dependent lengths) needs a few more
     torch._dynamo.config.cache_size_limit = 64
 forwards = {name: torch.compile(m, dynamic=False) if compile else m for name, m in models.items()}
@@ -186,7 +209,9 @@ def sync():
         torch.cuda.synchronize()
 
 # -----------------------------------------------------------------------------
-# one measurement -> (seconds per iteration, tokens per iteration, FLOPs per iteration, keep fractions, blocks/token)
+# one measurement: RUNS[mode](name, tokens, B, T) sets a model up and returns (call, result). call() runs one timed
+# iteration; result(n_calls), after the timed calls, gives (steps per call, tokens per step, FLOPs per step, keep
+# fractions, blocks per token). A step is an iteration, or one decoded token per row.
 
 
 def keep_fractions(stats):
@@ -202,18 +227,6 @@ def own_blocks(stack):
     return sum(not isinstance(layer, Level) for layer in stack.layers)
 
 
-def seconds_per_call(fn):
-    """warmup untimed calls of fn, then the mean time of iters calls (the device synchronised at both ends)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / iters
-
-
 def run_train(name, tokens, B, T):
     model, forward = models[name], forwards[name]
     x, y = tokens[:, :T], tokens[:, 1:T + 1]
@@ -226,8 +239,10 @@ def run_train(name, tokens, B, T):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    dt = seconds_per_call(step)
-    return dt, B * T, 3 * B * forward_flops(model, T), training_keep(model, T), len(model.blocks())  # bwd = 2x fwd
+
+    def result(n_calls):
+        return 1, B * T, 3 * B * forward_flops(model, T), training_keep(model, T), len(model.blocks())  # bwd = 2 fwd
+    return step, result
 
 
 def training_keep(model, T):
@@ -239,89 +254,166 @@ def training_keep(model, T):
     return [lengths[d] / lengths[d - 1] for d in sorted(lengths) if d > 0]
 
 
-@torch.no_grad()
 def run_prefill(name, tokens, B, T):
     model, forward = models[name], forwards[name]
     x = tokens[:, :T]
     model.eval()
 
+    @torch.no_grad()
     def prefill():
-        model.reset_level_stats()  # the same input keeps the same tokens: the last call's counts are every call's
         with ctx:
             forward(x)
-    dt, keep = seconds_per_call(prefill), keep_fractions(model.level_stats())
-    flops = forward_flops(model, T, keep) - 2 * (T - 1) * config.n_embd * config.vocab_size  # logits: last position
-    return dt, B * T, B * flops, keep, len(model.blocks())
+
+    def result(n_calls):  # the level counters add up the timed calls: the same input keeps the same tokens
+        keep = keep_fractions(model.level_stats())
+        flops = forward_flops(model, T, keep) - 2 * (T - 1) * config.n_embd * config.vocab_size  # logits: last only
+        return 1, B * T, B * flops, keep, len(model.blocks())
+    return prefill, result
 
 
-@torch.no_grad()
 def run_decode(name, tokens, B, T):
-    """Prefill half the length (untimed), then decode_tokens steps of one token per row with the cache. Each step
-    feeds the next input token rather than the argmax: a random model's greedy output tends to repeat one token,
-    which its levels would then all keep or all skip; random tokens keep what the calibration set (same cost)."""
-    model, prompt, P = models[name], tokens[:, :T // 2], T // 2
+    """Prefill half the length into the KV cache (here, untimed); then each call rewinds the caches to the prompt
+    and decodes decode_tokens steps of one token per row. Each step feeds the next input token rather than the
+    argmax: a random model's greedy output tends to repeat one token, which its levels would then all keep or all
+    skip; random tokens keep what the calibration set (same cost)."""
+    model, P = models[name], T // 2
     model.eval()
-    elapsed, stats = 0.0, []
-    for i in range(warmup + iters):
+    with torch.no_grad(), ctx:  # under autocast: keys and values in its dtype
+        model.setup_cache(B, P + decode_tokens)
+        model(tokens[:, :P])
+    rewind = decode_rewind(model)
+
+    @torch.no_grad()
+    def decode():
+        rewind()
         with ctx:
-            model.setup_cache(B, P + decode_tokens)  # under autocast: keys and values in its dtype
-            model(prompt)
-            model.reset_level_stats()  # count the decoded tokens only
-            sync()
-            t0 = time.perf_counter()
             for j in range(decode_tokens):
                 model(tokens[:, P + j:P + j + 1])  # (B, 1): the next token of every row
-            sync()
-            model.setup_cache(None, None)
-        if i >= warmup:
-            elapsed += time.perf_counter() - t0
-            stats += model.level_stats()
-    n_tokens = B * decode_tokens * iters
-    # blocks a decoded token runs on average: the outer ones, plus each level's own blocks times the tokens it took
-    levels = model.levels() * iters  # aligned with stats: one row per level and timed run
-    inner = sum(own_blocks(level.inner) * n_kept for level, (_, _, n_kept) in zip(levels, stats))
-    blocks = own_blocks(model.stack) + inner / n_tokens
-    # FLOPs per decoded token: the cost model's marginal cost of tokens P+1..P+N (weights + attention over the cache)
-    keep = keep_fractions(stats)
-    flops = (forward_flops(model, P + decode_tokens, keep) - forward_flops(model, P, keep)) / decode_tokens
-    return elapsed / (iters * decode_tokens), B, B * flops, keep, blocks
+
+    def result(n_calls):
+        stats = model.level_stats()  # the timed calls' decoded tokens
+        # blocks a decoded token runs on average: the outer ones, plus each level's own blocks times the tokens it took
+        inner = sum(own_blocks(level.inner) * n_kept for level, (_, _, n_kept) in zip(model.levels(), stats))
+        blocks = own_blocks(model.stack) + inner / (B * decode_tokens * n_calls)
+        # FLOPs per decoded token: the cost model's marginal cost of tokens P+1..P+N (weights + attention over cache)
+        keep = keep_fractions(stats)
+        flops = (forward_flops(model, P + decode_tokens, keep) - forward_flops(model, P, keep)) / decode_tokens
+        model.setup_cache(None, None)
+        return decode_tokens, B, B * flops, keep, blocks
+    return decode, result
+
+
+def decode_rewind(model):
+    """A function that sets the model's decoding state back to what it is now: the cache length of each stack's
+    rows and the window state of each recurrent block. Cached keys and values past those lengths need no reset:
+    a step reads no slot past its own, which it has just written."""
+    lens = [(stack, list(stack.cache_lens)) for stack in model.modules() if isinstance(stack, Stack)]
+    states = [(block, block.state, block.pending) for block in model.modules() if isinstance(block, RecurrentBlock)]
+
+    def rewind():
+        for stack, cache_lens in lens:
+            stack.cache_lens = list(cache_lens)
+        for block, state, pending in states:
+            block.state, block.pending = state, pending
+    return rewind
+
+
+def calibration_run(mode, tokens, B, T):
+    """What calibrate_scorers runs for a prefill or decode measurement of SUBLLM, and the first position it counts:
+    the same inputs, batch and steps, on the eager model."""
+    model, P = models['subllm'], T // 2
+    if mode == 'prefill':
+        return lambda: model(tokens[:, :T]), 0
+
+    def decode():
+        model.setup_cache(B, P + decode_tokens)
+        model(tokens[:, :P])
+        for j in range(decode_tokens):
+            model(tokens[:, P + j:P + j + 1])
+        model.setup_cache(None, None)
+    return decode, P
 
 
 RUNS = {'train': run_train, 'prefill': run_prefill, 'decode': run_decode}
 
 # -----------------------------------------------------------------------------
-# the sweep: at each length and mode, LLaMA then SUBLLM on the same inputs
+# the sweep: at each length and mode, LLaMA and SUBLLM on the same inputs, their timed calls alternating
 
 
 def is_oom(e):  # CUDA's allocator, also when torch.compile wraps its error, or the CPU's
     return isinstance(e, torch.cuda.OutOfMemoryError) or any(s in str(e) for s in ('out of memory', "can't allocate"))
 
 
-def measure(mode, name, tokens, B, T):
-    record = dict(mode=mode, model=name, seq_len=T, batch_size=B, tokens_per_s=None, ms_per_iter=None,
-                  peak_mem_bytes=None, mem_kind='cuda_max_allocated' if gpu else 'cpu_peak_rss_delta', mfu=None,
-                  flops=None, keep_fractions=None, blocks_per_token=None, oom=False)
+def attempt(record, fn):
+    """fn(); False, with the record marked OOM, if it ran out of memory."""
     try:
-        start = mem_start()
-        dt, n_tokens, flops, keep, blocks = RUNS[mode](name, tokens, B, T)
-        record.update(tokens_per_s=n_tokens / dt, ms_per_iter=1000 * dt, peak_mem_bytes=mem_peak(start, models[name]),
-                      mfu=peak_flops and flops / dt / peak_flops, flops=flops, keep_fractions=keep,
-                      blocks_per_token=blocks)
+        fn()
+        return True
     except RuntimeError as e:
         if is_oom(e):
             record['oom'] = True
-        elif compile and isinstance(e, torch._dynamo.exc.TorchDynamoException):
+            return False
+        if compile and isinstance(e, torch._dynamo.exc.TorchDynamoException):
             sys.exit(f"bench.py: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
                      f"rerun with --compile=False")
-        else:
-            raise
-    if record['oom']:  # outside the except block, so the traceback no longer holds the activations
-        models[name].zero_grad(set_to_none=True)
-        models[name].setup_cache(None, None)
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
-    return record
+        raise
+
+
+def measure_pair(mode, tokens, B, T):
+    """Both models at one mode, length and batch. Each is set up and warmed up in turn (at least one call: its peak
+    memory is measured there); then their timed calls alternate, LLaMA-SUBLLM then SUBLLM-LLaMA, so that a change in
+    the machine's speed (other processes) hits both, and a model's time per call is the median of its calls.
+    SUBLLM's random scorers are first calibrated on this measurement's own forward passes (calibrate_scorers)."""
+    records = {name: dict(mode=mode, model=name, seq_len=T, batch_size=B, tokens_per_s=None, ms_per_iter=None,
+                          ms_samples=None, peak_mem_bytes=None,
+                          mem_kind='cuda_max_allocated' if gpu else 'cpu_peak_rss_delta', mfu=None, flops=None,
+                          keep_fractions=None, blocks_per_token=None, oom=False) for name in models}
+    calls, peaks, times = {}, {}, {name: [] for name in models}
+    offsets = [level.score_offset.clone() for level in models['subllm'].levels()]
+    try:
+        for name, model in models.items():
+            if name == 'subllm' and calibrate and mode != 'train':
+                if not attempt(records[name], lambda: calibrate_scorers(model, *calibration_run(mode, tokens, B, T))):
+                    continue
+            start = mem_start()
+
+            def setup():
+                calls[name] = RUNS[mode](name, tokens, B, T)
+                for _ in range(max(1, warmup)):
+                    calls[name][0]()
+                sync()
+            if attempt(records[name], setup):
+                peaks[name] = mem_peak(start, model)
+                model.reset_level_stats()
+        live = [name for name in models if not records[name]['oom']]
+        for i in range(iters):
+            for name in live if i % 2 == 0 else live[::-1]:
+                if records[name]['oom']:
+                    continue
+                t0 = time.perf_counter()
+                if attempt(records[name], lambda: (calls[name][0](), sync())):
+                    times[name].append(time.perf_counter() - t0)
+        for name, record in records.items():
+            if not record['oom']:
+                steps, n_tokens, flops, keep, blocks = calls[name][1](len(times[name]))
+                dt = statistics.median(times[name]) / steps
+                record.update(tokens_per_s=n_tokens / dt, ms_per_iter=1000 * dt,
+                              ms_samples=[1000 * t / steps for t in times[name]], peak_mem_bytes=peaks[name],
+                              mfu=peak_flops and flops / dt / peak_flops, flops=flops, keep_fractions=keep,
+                              blocks_per_token=blocks)
+    finally:
+        if mode == 'train':  # training moves the offsets (Level.track_cut): prefill and decode measure the others
+            for level, offset in zip(models['subllm'].levels(), offsets):
+                level.score_offset.copy_(offset)
+    calls.clear()  # optimizer states, caches
+    for name, record in records.items():
+        if record['oom']:
+            models[name].zero_grad(set_to_none=True)
+            models[name].setup_cache(None, None)
+    gc.collect()
+    if gpu and any(r['oom'] for r in records.values()):
+        torch.cuda.empty_cache()
+    return records
 
 
 jobs = []
@@ -337,17 +429,16 @@ print(f"{label} {config.structure} keep {config.keep_ratio} ({config.selection} 
       + f", n_embd {config.n_embd}, n_head {config.n_head}, "
       f"ffn {config.ffn_hidden}, vocab {config.vocab_size}: {n_params['subllm'] / 1e6:.1f}M params "
       f"(LLaMA twin {n_params['llama'] / 1e6:.1f}M), "
-      f"{'scorers from ' + init_from if init_from else 'random weights, score offsets set to keep ' + str(keep_ratio)}")
+      + (f"scorers from {init_from}" if init_from else
+         f"random weights, score offsets calibrated to keep {keep_ratio} in each prefill and decode measurement"))
 records = []
-pbar = tqdm(total=2 * len(jobs), desc='bench', unit='run')
+t_start = time.perf_counter()
+pbar = tqdm(total=len(jobs), desc='bench', unit='job')
 for mode, T, B in jobs:
+    pbar.set_postfix_str(f"{mode} T={T} B={B}")
     n = max(T, T // 2 + decode_tokens) + 1  # inputs and targets; decode reads T // 2 + decode_tokens
     tokens = torch.randint(config.vocab_size, (B, n), generator=torch.Generator().manual_seed(T)).to(device)
-    pair = {}
-    for name in ('llama', 'subllm'):
-        pbar.set_postfix_str(f"{mode} T={T} B={B} {name}")
-        pair[name] = measure(mode, name, tokens, B, T)
-        pbar.update()
+    pair = measure_pair(mode, tokens, B, T)
     base = pair['llama']
     for r in pair.values():  # relative to LLaMA: speedup, FLOP ratio (LLaMA / this), memory ratio (this / LLaMA)
         ok = not (r['oom'] or base['oom'])
@@ -355,8 +446,13 @@ for mode, T, B in jobs:
                  flop_ratio=base['flops'] / r['flops'] if ok else None,
                  mem_ratio=r['peak_mem_bytes'] / base['peak_mem_bytes'] if ok and base['peak_mem_bytes'] else None,
                  blocks_ratio=base['blocks_per_token'] / r['blocks_per_token'] if ok and mode == 'decode' else None)
+        # the speedup over its limit: the FLOP ratio, or for decode the blocks ratio (a step is weight-bound)
+        limit = r['blocks_ratio'] if mode == 'decode' else r['flop_ratio']
+        r['limit_share'] = r['ratio'] / limit if ok and label == 'SUBLLM' else None
     records += pair.values()
+    pbar.update()
 pbar.close()
+elapsed = time.perf_counter() - t_start
 
 # -----------------------------------------------------------------------------
 # report
@@ -369,9 +465,12 @@ def fmt(value, spec, missing='-'):
     return missing if value is None else format(value, spec)
 
 
+depths = sorted({level.depth for level in models['subllm'].levels()})
+targets = ', '.join(f"{config.keep_ratio_at(d):g}" for d in depths)  # the keep ratio per level depth
 print(f"\n| mode | seq_len | batch | LLaMA tok/s | {label} tok/s | speedup | FLOP ratio | blocks/token (ratio) | "
-      f"ms/iter LLaMA / {label} | mem {mem_label} LLaMA / {label} | MFU LLaMA / {label} | {label} keep |")
-print('|' + '---|' * 12)
+      f"of limit | ms/iter LLaMA / {label} | mem {mem_label} LLaMA / {label} | MFU LLaMA / {label} | "
+      f"{label} keep ({'trained' if init_from else 'target ' + targets}) |")
+print('|' + '---|' * 13)
 for llama, sub in zip(records[::2], records[1::2]):
     oom = [r['oom'] and 'OOM' or '-' for r in (llama, sub)]
     tps = [fmt(r['tokens_per_s'], ',.0f', o) for r, o in zip((llama, sub), oom)]
@@ -381,6 +480,7 @@ for llama, sub in zip(records[::2], records[1::2]):
         if sub['blocks_ratio'] else '-'
     print(f"| {sub['mode']} | {sub['seq_len']} | {sub['batch_size']} | {tps[0]} | {tps[1]} | "
           f"{fmt(sub['ratio'], '.2f')}x | {fmt(sub['flop_ratio'], '.2f')}x | {blocks} | "
+          f"{fmt(sub['limit_share'], '.0%')} | "
           f"{fmt(llama['ms_per_iter'], '.1f')} / {fmt(sub['ms_per_iter'], '.1f')} | {mem[0]} / {mem[1]} | "
           f"{fmt(llama['mfu'], '.1%')} / {fmt(sub['mfu'], '.1%')} | {keep} |")
 print("\nspeedup = SUBLLM tokens/s over LLaMA's. FLOP ratio = LLaMA FLOPs over SUBLLM's (SUBLLM.md §9) at the keep "
@@ -388,7 +488,9 @@ print("\nspeedup = SUBLLM tokens/s over LLaMA's. FLOP ratio = LLaMA FLOPs over S
       "included), prefill and decode = the measured eval keep (score > 0) per level depth, a fraction of the "
       "parent's tokens (SUBLLM keep). Decode counts the weights, the logits and the "
       "attention over the cache per token; its ms/iter is one step of one token per row, and blocks/token is the "
-      "average number of blocks a decoded token runs (ratio: LLaMA's over SUBLLM's). MFU: model FLOPs (causal "
+      "average number of blocks a decoded token runs (ratio: LLaMA's over SUBLLM's). of limit = speedup over the "
+      "FLOP ratio (train, prefill) or the blocks ratio (decode, where a step reads every weight of the blocks it "
+      "runs). Times are the median of the timed calls, the two models' calls alternating. MFU: model FLOPs (causal "
       "attention counted as half of full attention) over the GPU's dense bf16 peak.")
 if 'R' in config.structure:
     print("recurrent: speedup and FLOP ratio are of the recurrent model against its twin (each R a plain block). Its "
@@ -398,5 +500,6 @@ if 'R' in config.structure:
 if json:
     with open(json, 'w') as f:
         dump(dict(device=device, dtype=dtype, compile=compile, torch=torch.__version__, preset=preset,
-                  config=vars(config), n_params=n_params, records=records), f, indent=1)
+                  config=vars(config), n_params=n_params, seconds=elapsed, records=records), f, indent=1)
     print(f"wrote {len(records)} records to {json}")
+print(f"took {elapsed:.0f} s ({len(jobs)} measurements, {iters} timed calls each, after {max(1, warmup)} untimed)")
