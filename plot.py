@@ -1,6 +1,7 @@
 """
 Compare training runs from their out_dir/log.jsonl files (written by train.py at every eval): a markdown table and,
-when matplotlib is installed, a PNG of val loss against tokens and against wall time.
+when matplotlib is installed, a PNG of val loss against tokens, against training FLOPs (the frame of an efficiency method: SUBLLM spends
+fewer per token) and against wall time.
 
     python plot.py out-parity-subllm out-parity-llama --png=assets/parity.png
 
@@ -42,8 +43,8 @@ def table(runs):
     common_iter = min(recs[-1]['iter'] for recs in runs.values())
     common_time = min(recs[-1]['time_s'] for recs in runs.values())
     lines = [f"| run | val loss @ iter {common_iter} | val loss, training selection @ iter {common_iter} | "
-             f"val loss @ {common_time:.0f} s | tokens/s | kept per level (eval) | selections agree per level |",
-             "|---|---|---|---|---|---|---|"]
+             f"val loss @ {common_time:.0f} s | tokens/s | training TFLOPs | kept per level (eval) | "
+             f"selections agree per level |", "|---|---|---|---|---|---|---|---|"]
     for name, recs in runs.items():
         at_iter = [r for r in recs if r['iter'] <= common_iter][-1]
         last = recs[-1]
@@ -52,7 +53,8 @@ def table(runs):
         tokens_per_s = last['tokens'] / last['time_s'] if last['time_s'] > 0 else float('nan')
         lines.append(f"| {name} | {at_iter['val_loss']:.4f} | "
                      f"{'-' if train_selection is None else f'{train_selection:.4f}'} | "
-                     f"{val_loss_at_time(recs, common_time):.4f} | {tokens_per_s:,.0f} | {kept} | {agree} |")
+                     f"{val_loss_at_time(recs, common_time):.4f} | {tokens_per_s:,.0f} | "
+                     f"{at_iter['flops'] / 1e12 if 'flops' in at_iter else float('nan'):.1f} | {kept} | {agree} |")
     return '\n'.join(lines)
 
 
@@ -64,13 +66,16 @@ def plot(runs, png):
     except ImportError:
         print("matplotlib is not installed, so no plot: pip install matplotlib")
         return
-    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (by_tokens, by_flops, by_time) = plt.subplots(1, 3, figsize=(16, 4))
     for name, recs in runs.items():
         by_tokens.plot([r['tokens'] / 1e6 for r in recs], [r['val_loss'] for r in recs], label=name)
+        with_flops = [r for r in recs if 'flops' in r]  # logs written before train.py logged FLOPs have none
+        by_flops.plot([r['flops'] / 1e12 for r in with_flops], [r['val_loss'] for r in with_flops], label=name)
         by_time.plot([r['time_s'] / 60 for r in recs], [r['val_loss'] for r in recs], label=name)
     by_tokens.set_xlabel('tokens (M)')
+    by_flops.set_xlabel('training FLOPs (TFLOP, as flops.forward_flops counts them)')
     by_time.set_xlabel('wall time (min)')
-    for ax in (by_tokens, by_time):
+    for ax in (by_tokens, by_flops, by_time):
         ax.set_ylabel('val loss')
         ax.grid(alpha=0.3)
         ax.legend()
