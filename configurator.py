@@ -180,13 +180,14 @@ def load_checkpoint(out_dir, keys=('model', 'model_args'), missing=None, say=pri
             continue
         try:
             checkpoint = torch.load(path, map_location='cpu')
-            lacks = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
-            if lacks:
-                raise ValueError(f"no {', '.join(lacks)}: not a checkpoint of train.py")
         except Exception as e:
             why = 'an empty file' if os.path.isfile(path) and os.path.getsize(path) == 0 else \
                 f"{type(e).__name__}: {first_line(e).split('. ')[0][:120]}"
             problems.append(f"{path} cannot be read ({why})")
+            continue
+        lacks = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+        if lacks:
+            problems.append(f"{path} is not a checkpoint of train.py (it has no {', '.join(lacks)})")
             continue
         if name != 'ckpt.pt':
             first = problems[0] if problems else f"no {os.path.join(out_dir, 'ckpt.pt')}"
@@ -194,6 +195,8 @@ def load_checkpoint(out_dir, keys=('model', 'model_args'), missing=None, say=pri
         return checkpoint, path
     if not problems:
         raise SystemExit(missing or f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
-    raise SystemExit(f"{'; '.join(problems)}{', and there is no ckpt_prev.pt beside it' if len(problems) == 1 else ''}"
-                     f": damaged (a crash or a full disk while it was written or copied?) or not a checkpoint of "
-                     f"train.py")
+    if not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+        problems.insert(0, f"no {os.path.join(out_dir, 'ckpt.pt')}")
+    damaged = any('cannot be read' in p for p in problems)
+    raise SystemExit('; '.join(problems) + (', and there is no ckpt_prev.pt beside it' if len(problems) == 1 else '')
+                     + (': damaged (a crash or a full disk while it was written or copied?)' if damaged else ''))
