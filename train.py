@@ -283,7 +283,7 @@ elif init_from == 'resume':
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     train_seconds = checkpoint['train_seconds']
     changed = [f"{k}={config[k]!r} (was {v!r})" for k, v in checkpoint['config'].items()
-               if k != 'init_from' and config.get(k) != v]
+               if k not in ('init_from', 'overwrite') and config.get(k) != v]
     if changed and master_process:
         print(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
     if meta['vocab_size'] > model_args['vocab_size']:
