@@ -1,7 +1,7 @@
 """
 Compare training runs from their out_dir/log.jsonl files (written by train.py at every eval): a markdown table and,
-when matplotlib is installed, a PNG of val loss against tokens, against training FLOPs (the frame of an efficiency method: SUBLLM spends
-fewer per token) and against wall time.
+when matplotlib is installed, a PNG of val loss against tokens, against training FLOPs (the frame of an efficiency
+method: SUBLLM spends fewer per token) and against wall time.
 
     python plot.py out-parity-subllm out-parity-llama --png=assets/parity.png
 
