@@ -24,6 +24,7 @@ its level before the measurement) on CPU. Every global in the first section is a
 import ctypes
 import gc
 import os
+import re
 import statistics
 import sys
 import time
@@ -34,7 +35,7 @@ from json import dump
 import torch
 from tqdm import tqdm
 
-from configurator import configure
+from configurator import check_ranges, configure, load_checkpoint
 from flops import forward_flops, gpu_peak_flops
 from model import SubLLM, SubLLMConfig, Level, RecurrentBlock, Stack, llama_twin
 
@@ -82,6 +83,10 @@ seed = 1337
 user_keys = configure(globals(), tuples=('keep_ratio',))  # --key=value, or a config file (configurator.py)
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
+if device != 'cpu' and not device.startswith('cuda'):
+    sys.exit(f"bench.py: --device must be auto, cpu or cuda, got {device!r}")
+if device.startswith('cuda') and not torch.cuda.is_available():
+    sys.exit(f"bench.py: --device={device}, but this torch sees no CUDA GPU: use --device=cpu")
 gpu = device.startswith('cuda')
 if preset == 'auto':
     preset = '250m' if gpu else 'tiny'
@@ -90,6 +95,32 @@ if preset not in PRESETS:
 for key, value in {**PRESETS[preset], **(GPU_DEFAULTS if gpu else {})}.items():
     if key not in user_keys:  # the preset's and the GPU's defaults, under what was given explicitly
         globals()[key] = value
+# every setting checked here, before anything runs: one line each
+check_ranges(globals(), {
+    'n_embd': '[1, inf)', 'n_head': '[1, inf)', 'ffn_hidden': '[1, inf)', 'vocab_size': '[1, inf)',
+    'tokens_per_batch': '[1, inf)', 'n_kv_head': ('[0, inf)', ' (0: n_head)'), 'keep_ratio': '(0, 1]',
+    'capacity_slack': '[0, inf)', 'rec_window': '[1, inf)', 'batch_size': ('[0, inf)', ' (0: tokens_per_batch)'),
+    'decode_batch': '[1, inf)', 'decode_tokens': '[1, inf)', 'warmup': '[0, inf)', 'iters': '[1, inf)',
+    'threads': ('[0, inf)', " (0: torch's default)"), 'seed': '[0, inf)'}, error=lambda m: SystemExit('bench.py: ' + m))
+if not re.fullmatch(r'\d+(,\d+)*', seq_lens) or min(int(t) for t in seq_lens.split(',')) < 2:
+    sys.exit(f"bench.py: --seq_lens must be context lengths of at least 2, separated by commas (e.g. 256,512), got "
+             f"{seq_lens!r}")
+if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
+    sys.exit(f"bench.py: --json={json}: there is no directory {os.path.dirname(os.path.abspath(json))} to write it in")
+try:  # the settings, or the checkpoint's model, make a model of this model.py (checked on the meta device: no memory)
+    if init_from:  # a train.py checkpoint (or ckpt_prev.pt, the one before it, if ckpt.pt is damaged)
+        ckpt, _ = load_checkpoint(init_from, missing=f"bench.py: --init_from={init_from}: no checkpoint at "
+                                                     f"{os.path.join(init_from, 'ckpt.pt')} (give a train.py out_dir)")
+        with torch.device('meta'):
+            shapes = {k: v.shape for k, v in SubLLM(SubLLMConfig(**ckpt['model_args'])).state_dict().items()}
+        if shapes != {k.removeprefix('_orig_mod.'): getattr(v, 'shape', None) for k, v in ckpt['model'].items()}:
+            raise ValueError("its weights do not fit the model that its model_args make with this model.py")
+    else:
+        SubLLMConfig(vocab_size=vocab_size, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head or None,
+                     ffn_hidden=ffn_hidden, structure=structure, keep_ratio=keep_ratio, selection=selection,
+                     capacity_slack=capacity_slack, rec_window=rec_window)
+except (TypeError, ValueError, AttributeError) as e:
+    sys.exit(f"bench.py: {'the checkpoint in ' + init_from if init_from else 'bad model settings'}: {e}")
 # -----------------------------------------------------------------------------
 
 torch.manual_seed(seed)
@@ -109,7 +140,6 @@ if unknown:
     sys.exit(f"bench.py: unknown mode {unknown[0]!r} in --modes; choose from train, prefill, decode")
 block_size = max(max(lengths), max(lengths) // 2 + decode_tokens)  # RoPE table: the longest input
 if init_from:
-    ckpt = torch.load(os.path.join(init_from, 'ckpt.pt'), map_location='cpu')
     config = replace(SubLLMConfig(**ckpt['model_args']), block_size=block_size)
     subllm = SubLLM(config)
     subllm.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})

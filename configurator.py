@@ -8,10 +8,17 @@ before it calls configure(globals()). Then
 runs the config file (Python that assigns some of the settings), then applies each --key=value in order. A value
 takes the type of the setting's default (an int is fine for a float); a mistake ends the run with one line that
 says what to do. --help prints the script's docstring and every setting with its default and its comment.
+check_ranges() then checks each numeric setting against its valid range, up front, with the same one-line errors.
+prepare.py's settings are the keyword arguments of its prepare(): function_namespace() makes them a namespace.
+
+The scripts also share here the reading of a train.py checkpoint (load_checkpoint): one line for a missing or
+damaged file, and a fall back to ckpt_prev.pt, the checkpoint before it, which train.py keeps.
 """
+import inspect
 import os
 import re
 import sys
+import textwrap
 import types
 from ast import literal_eval
 
@@ -22,25 +29,27 @@ def settings_of(namespace):
             and isinstance(v, (bool, int, float, str, tuple))]
 
 
-def comments_of(path, keys):
-    """{key: its comment} from the script's source: the text after '#' on the line that assigns it, and on the
-    comment-only lines right below it that are indented past the start of the line."""
-    lines = open(path).read().splitlines() if path and os.path.exists(path) else []
+def comments_of(text, keys):
+    """{key: its comment} from source text: the text after '#' on the line that assigns it (`key = value  # ...`
+    at the start of a line), and on the comment-only lines right below it that are indented past its start."""
+    lines = text.splitlines()
     comments = {}
     for i, line in enumerate(lines):
         m = re.match(r"(\w+) *=.*?  # ?(.*)$", line)
         if m and m.group(1) in keys and m.group(1) not in comments:
-            text = [m.group(2)]
+            parts = [m.group(2)]
             for more in lines[i + 1:]:
                 if not re.match(r" +# ", more):
                     break
-                text.append(more.strip()[2:])
-            comments[m.group(1)] = ' '.join(text)
+                parts.append(more.strip()[2:])
+            comments[m.group(1)] = ' '.join(parts)
     return comments
 
 
 def print_help(namespace, keys):
-    comments = comments_of(namespace.get('__file__'), keys)
+    path = namespace.get('__file__')
+    comments = namespace.get('__comments__') or comments_of(open(path).read() if path and os.path.isfile(path) else '',
+                                                            keys)
     print((namespace.get('__doc__') or '').strip() + '\n\nsettings (--key=default, and what it does):')
     width = max(len(f"--{k}={namespace[k]!r}") for k in keys)
     for k in keys:
@@ -48,9 +57,10 @@ def print_help(namespace, keys):
         print(f"  {flag:<{width}}  {comments.get(k, '')}".rstrip())
 
 
-def checked(namespace, key, value, source, tuples):
-    """value with the type of the key's default, or a one-line SystemExit. Keys in `tuples` (float settings) also
-    take a tuple of numbers."""
+def checked(namespace, key, value, source, tuples, error=SystemExit, text=None):
+    """value with the type of the key's default, or a one-line error (showing text, the value as it was typed, if
+    given). Keys in `tuples` (float settings) also take a tuple of numbers; an int setting also takes a whole
+    float (--max_tokens=1e9)."""
     default = namespace[key]
     value = tuple(value) if isinstance(value, list) else value
     numbers = (int, float)
@@ -60,17 +70,20 @@ def checked(namespace, key, value, source, tuples):
         ok = (isinstance(value, numbers) and not isinstance(value, bool)) or (
             key in tuples and isinstance(value, tuple) and all(isinstance(r, numbers) for r in value))
         value = float(value) if ok and not isinstance(value, tuple) else value
+    elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        ok, value = True, int(value)
     else:
         ok = type(value) is type(default)
     if not ok:
         expected = 'True or False' if isinstance(default, bool) else type(default).__name__
-        raise SystemExit(f"--{key} expects {expected}, got {value!r} ({source})")
+        raise error(f"--{key} expects {expected}, got {value if text is None else text!r} ({source})")
     return value
 
 
-def configure(namespace, argv=None, tuples=()):
+def configure(namespace, argv=None, tuples=(), error=SystemExit):
     """Override the settings in `namespace` (a script's globals()) from config files and --key=value flags in
-    argv (default: sys.argv[1:]). Returns the set of the keys given explicitly."""
+    argv (default: sys.argv[1:]). Returns the set of the keys given explicitly. A mistake raises error (a
+    SystemExit, or a subclass of it) with a one-line message."""
     argv = sys.argv[1:] if argv is None else argv
     keys = settings_of(namespace)
     given = set()
@@ -80,28 +93,110 @@ def configure(namespace, argv=None, tuples=()):
             sys.exit(0)
         if not arg.startswith('--'):  # a config file: python that assigns settings
             if not os.path.isfile(arg):
-                raise SystemExit(f"config file {arg!r} not found (settings are given as --key=value)")
+                raise error(f"config file {arg!r} not found (settings are given as --key=value)")
             defined = {'__file__': arg}
             try:
                 exec(open(arg).read(), defined)
             except Exception as e:
-                raise SystemExit(f"config file {arg!r} fails: {type(e).__name__}: {e}") from None
+                raise error(f"config file {arg!r} fails: {type(e).__name__}: {first_line(e)}") from None
+            text = None
             settings = {k: v for k, v in defined.items()  # every plain value it defines (imports, helpers aside)
                         if not k.startswith('_') and not callable(v) and not isinstance(v, types.ModuleType)}
             source = f"in {arg}"
         else:
             key, eq, value = arg[2:].partition('=')
             if not eq:
-                raise SystemExit(f"bad argument {arg!r}: use --key=value (--help lists the settings)")
+                raise error(f"bad argument {arg!r}: use --key=value (--help lists the settings)")
+            text = value
             if key in keys and not isinstance(namespace[key], str):
                 try:
                     value = literal_eval(value)
-                except (ValueError, SyntaxError):
+                except (ValueError, SyntaxError, MemoryError, RecursionError):
                     pass  # stays a string, and the type check says what was expected
             settings, source = {key: value}, f"from {arg}"
         for key, value in settings.items():
             if key not in keys:
-                raise SystemExit(f"unknown setting {key!r} ({source}); valid keys: {', '.join(keys)}")
-            namespace[key] = checked(namespace, key, value, source, tuples)
+                raise error(f"unknown setting {key!r} ({source}); valid keys: {', '.join(keys)}")
+            namespace[key] = checked(namespace, key, value, source, tuples, error, text)
             given.add(key)
     return given
+
+
+def first_line(e, limit=200):
+    """An exception's message, its first line, shortened: for one-line errors."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
+def check_ranges(namespace, ranges, error=SystemExit):
+    """ranges: {key: interval} or {key: (interval, note)}, interval a string such as '[1, inf)', '(0, inf)' or
+    '[0, 1)' (inf for no bound). The first setting out of its range ends the run with one line, e.g.
+    "--eval_interval must be at least 1 (iterations between evals), got 0"."""
+    for key, rule in ranges.items():
+        interval, note = rule if isinstance(rule, tuple) else (rule, '')
+        low, high = (float(b) for b in interval[1:-1].split(','))
+        value = namespace[key]
+        values = value if isinstance(value, tuple) else (value,)
+        if all((low <= v if interval[0] == '[' else low < v) and (v <= high if interval[-1] == ']' else v < high)
+               for v in values):
+            continue
+        show = lambda b: f"{int(b)}" if b.is_integer() else f"{b:g}"
+        if high == float('inf'):
+            must = f"at least {show(low)}" if interval[0] == '[' else f"> {show(low)}"
+        elif interval[0] == '[' and interval[-1] == ']':
+            must = f"between {show(low)} and {show(high)}"
+        else:
+            must = f"in {interval[0]}{show(low)}, {show(high)}{interval[-1]}"
+        raise error(f"--{key} must be {must}{note}, got {value!r}")
+
+
+def function_namespace(fn):
+    """A namespace for configure() from a function's keyword arguments: their defaults, the docstring of its
+    module, and for --help the comment on each argument's line (a signature written one argument per line:
+    `name=default,  # what it does`)."""
+    params = inspect.signature(fn).parameters
+    namespace = {k: p.default for k, p in params.items()}
+    source = inspect.getsource(fn)
+    signature = source[source.index('(') + 1:source.index('):')]  # the lines of the arguments
+    namespace.update(__doc__=sys.modules[fn.__module__].__doc__, __file__=inspect.getsourcefile(fn),
+                     __comments__=comments_of(textwrap.dedent(signature.partition('\n')[2]), list(params)))
+    return namespace
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def load_checkpoint(out_dir, keys=('model', 'model_args'), missing=None, say=print):
+    """out_dir/ckpt.pt, loaded on the CPU (loading onto the GPU can run out of memory), as a dict that has these
+    keys. train.py keeps the checkpoint before it as ckpt_prev.pt: when ckpt.pt is missing or damaged (a crash or a
+    full disk while it was copied, an empty or foreign file), load_checkpoint says so in one line (through say) and
+    loads ckpt_prev.pt. Returns (checkpoint, path); when neither loads, a one-line SystemExit: `missing` when there
+    is no checkpoint at all (default: "no checkpoint at out_dir/ckpt.pt")."""
+    import torch  # here, so that the settings parser does not need torch
+    problems = []
+    for name in ('ckpt.pt', 'ckpt_prev.pt'):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            checkpoint = torch.load(path, map_location='cpu')
+        except Exception as e:
+            why = 'an empty file' if os.path.isfile(path) and os.path.getsize(path) == 0 else \
+                f"{type(e).__name__}: {first_line(e).split('. ')[0][:120]}"
+            problems.append(f"{path} cannot be read ({why})")
+            continue
+        lacks = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+        if lacks:
+            problems.append(f"{path} is not a checkpoint of train.py (it has no {', '.join(lacks)})")
+            continue
+        if name != 'ckpt.pt':
+            first = problems[0] if problems else f"no {os.path.join(out_dir, 'ckpt.pt')}"
+            say(f"{first}: using {path} instead, the checkpoint before it (iter {checkpoint.get('iter_num')})")
+        return checkpoint, path
+    if not problems:
+        raise SystemExit(missing or f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
+    if not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+        problems.insert(0, f"no {os.path.join(out_dir, 'ckpt.pt')}")
+    damaged = any('cannot be read' in p for p in problems)
+    raise SystemExit('; '.join(problems) + (', and there is no ckpt_prev.pt beside it' if len(problems) == 1 else '')
+                     + (': damaged (a crash or a full disk while it was written or copied?)' if damaged else ''))

@@ -1,24 +1,44 @@
 """
 Compare training runs from their out_dir/log.jsonl files (written by train.py at every eval): a markdown table and,
-when matplotlib is installed, a PNG of val loss against tokens and against wall time.
+when matplotlib is installed, a PNG of val loss against tokens, against training FLOPs (the frame of an efficiency
+method: SUBLLM spends fewer per token) and against wall time.
 
     python plot.py out-parity-subllm out-parity-llama --png=assets/parity.png
 
-matplotlib is optional (pip install matplotlib); without it the table is still printed.
+matplotlib is optional (pip install matplotlib); without it the table is still printed. A line of a log that is not
+a record (cut short by a crash, a bad edit) is skipped, and said.
 """
 import json
 import os
 import sys
 
 
+FIELDS = ('iter', 'tokens', 'time_s', 'val_loss')  # what every record of train.py has, and the table needs
+
+
 def read_log(out_dir):
     path = os.path.join(out_dir, 'log.jsonl')
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         sys.exit(f"error: {path} not found: train first (python train.py ... --out_dir={out_dir})")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records, bad = [], []
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    ok = isinstance(record, dict) and all(isinstance(record.get(k), (int, float)) for k in FIELDS)
+                except ValueError:
+                    ok = False
+                (records.append(record) if ok else bad.append(number))
+    except OSError as e:
+        sys.exit(f"error: cannot read {path} ({e.strerror or e})")
+    if bad:
+        shown = ', '.join(map(str, bad[:5])) + (' ...' if len(bad) > 5 else '')
+        print(f"{path}: skipped {len(bad)} line(s) that are not records of train.py (line {shown})", file=sys.stderr)
     if not records:
-        sys.exit(f"error: {path} is empty: the run has not reached its first eval yet")
+        sys.exit(f"error: {path} has no records: the run has not reached its first eval yet")
     return records
 
 
@@ -42,17 +62,19 @@ def table(runs):
     common_iter = min(recs[-1]['iter'] for recs in runs.values())
     common_time = min(recs[-1]['time_s'] for recs in runs.values())
     lines = [f"| run | val loss @ iter {common_iter} | val loss, training selection @ iter {common_iter} | "
-             f"val loss @ {common_time:.0f} s | tokens/s | kept per level (eval) | selections agree per level |",
-             "|---|---|---|---|---|---|---|"]
+             f"val loss @ {common_time:.0f} s | tokens/s | training TFLOPs | kept per level (eval) | "
+             f"selections agree per level |", "|---|---|---|---|---|---|---|---|"]
     for name, recs in runs.items():
         at_iter = [r for r in recs if r['iter'] <= common_iter][-1]
         last = recs[-1]
         train_selection = at_iter.get('val_loss_train_selection')
         kept, agree = (' / '.join(f"{k:.3f}" for k in last.get(key, [])) or '-' for key in ('kept', 'agree'))
         tokens_per_s = last['tokens'] / last['time_s'] if last['time_s'] > 0 else float('nan')
+        at_time = val_loss_at_time(recs, common_time)  # None: this run's log starts later (a resumed one)
         lines.append(f"| {name} | {at_iter['val_loss']:.4f} | "
                      f"{'-' if train_selection is None else f'{train_selection:.4f}'} | "
-                     f"{val_loss_at_time(recs, common_time):.4f} | {tokens_per_s:,.0f} | {kept} | {agree} |")
+                     f"{'-' if at_time is None else f'{at_time:.4f}'} | {tokens_per_s:,.0f} | "
+                     f"{at_iter['flops'] / 1e12 if 'flops' in at_iter else float('nan'):.1f} | {kept} | {agree} |")
     return '\n'.join(lines)
 
 
@@ -64,29 +86,38 @@ def plot(runs, png):
     except ImportError:
         print("matplotlib is not installed, so no plot: pip install matplotlib")
         return
-    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (by_tokens, by_flops, by_time) = plt.subplots(1, 3, figsize=(16, 4))
     for name, recs in runs.items():
         by_tokens.plot([r['tokens'] / 1e6 for r in recs], [r['val_loss'] for r in recs], label=name)
+        with_flops = [r for r in recs if 'flops' in r]  # logs written before train.py logged FLOPs have none
+        by_flops.plot([r['flops'] / 1e12 for r in with_flops], [r['val_loss'] for r in with_flops], label=name)
         by_time.plot([r['time_s'] / 60 for r in recs], [r['val_loss'] for r in recs], label=name)
     by_tokens.set_xlabel('tokens (M)')
+    by_flops.set_xlabel('training FLOPs (TFLOP, as flops.forward_flops counts them)')
     by_time.set_xlabel('wall time (min)')
-    for ax in (by_tokens, by_time):
+    for ax in (by_tokens, by_flops, by_time):
         ax.set_ylabel('val loss')
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(png) or '.', exist_ok=True)
-    fig.savefig(png, dpi=120)
+    try:
+        os.makedirs(os.path.dirname(png) or '.', exist_ok=True)
+        fig.savefig(png, dpi=120)
+    except (OSError, ValueError) as e:  # ValueError: a file name matplotlib has no format for
+        sys.exit(f"error: cannot write {png} ({getattr(e, 'strerror', None) or e})")
     print(f"wrote {png}")
 
 
 if __name__ == '__main__':
-    args = [a for a in sys.argv[1:] if not a.startswith('--')]
-    flags = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--') and '=' in a)
-    unknown = set(flags) - {'png'}
-    if not args or unknown:
+    if {'-h', '--help'} & set(sys.argv[1:]):
+        print(__doc__.strip())
+        sys.exit(0)
+    args = [a for a in sys.argv[1:] if not a.startswith('-')]
+    flags = dict(a[2:].partition('=')[::2] for a in sys.argv[1:] if a.startswith('-'))
+    if not args or set(flags) - {'png'} or flags.get('png') == '':
         sys.exit("usage: python plot.py OUT_DIR [OUT_DIR ...] [--png=path.png]")
-    runs = {os.path.basename(os.path.normpath(d)): read_log(d) for d in args}
+    names = [os.path.basename(os.path.normpath(d)) for d in args]
+    runs = {name if names.count(name) == 1 else os.path.normpath(d): read_log(d) for name, d in zip(names, args)}
     print(table(runs))
     if 'png' in flags:
         plot(runs, flags['png'])

@@ -44,6 +44,7 @@ Parquet needs pyarrow (pip install pyarrow). Downloads come from $HF_ENDPOINT (d
 """
 import base64
 import collections
+import errno
 import fnmatch
 import glob
 import hashlib
@@ -65,6 +66,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from configurator import check_ranges, configure, first_line, function_namespace
 
 DATASETS = {  # name -> (url, what it is)
     'shakespeare': ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
@@ -102,7 +105,8 @@ class ByteTokenizer:
     name, vocab_size, eot_token = 'byte', 256, 0
 
     def encode(self, text):
-        return list(text.encode('utf-8'))
+        """The UTF-8 bytes of a str; the bytes themselves of bytes (prepare.py reads files so: any bytes, exactly)."""
+        return list(text if isinstance(text, bytes) else text.encode('utf-8'))
 
     def decode(self, ids):
         # a model can sample byte sequences that are not valid UTF-8: show them as U+FFFD, don't crash
@@ -259,19 +263,46 @@ def hub_url(repo, path):
 # tokenising
 
 def token_chunks(files, tok, bar):
-    """Yield lists of token ids, ~1 MB of text at a time, with tok.eot_token after each document."""
+    """Yield lists of token ids, ~1 MB of text at a time, with tok.eot_token after each document. The byte
+    tokenizer takes the file's bytes as they are, so its round trip is exact even where they are not UTF-8; gpt2
+    needs text, so bytes that are not UTF-8 become U+FFFD, and a line says so."""
     for path in files:
+        replaced = 0
         with open(path, 'rb') as f:
             # Binary mode keeps '\r\n' exact, and a chunk of whole lines never splits a UTF-8 character
             # (nor a literal <|endoftext|>); gpt2 merges can't cross a chunk edge, which costs next to nothing.
             while lines := f.readlines(CHUNK_BYTES):
                 data = b''.join(lines)
-                for i, piece in enumerate(data.decode('utf-8', errors='replace').split(EOT_TEXT)):
+                if tok.name == 'byte':
+                    pieces = data.split(EOT_TEXT.encode())
+                else:
+                    try:
+                        text = data.decode('utf-8')
+                    except UnicodeDecodeError:
+                        text = data.decode('utf-8', errors='replace')
+                        replaced += text.count('\ufffd') - data.count('\ufffd'.encode())
+                    pieces = text.split(EOT_TEXT)
+                for i, piece in enumerate(pieces):
                     if i:
                         yield [tok.eot_token]
                     yield tok.encode(piece)
                 bar.update(len(data))
+        if replaced:
+            tqdm.write(f"{path}: {replaced:,} invalid UTF-8 sequence(s) read as U+FFFD for {tok.name} "
+                       f"(--tokenizer=byte keeps every byte)")
         yield [tok.eot_token]
+
+
+def io_error(e, out_dir, inputs=()):
+    """The one-line PrepareError for an OSError while reading the inputs or writing out_dir (a full disk, a file
+    or folder that cannot be written)."""
+    reason = e.strerror or first_line(e)
+    if e.filename is not None and str(e.filename) in {str(p) for p in inputs}:
+        return PrepareError(f"cannot read {e.filename} ({reason})")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return PrepareError(f"cannot write to {out_dir}/ ({reason}): free some disk space, or give another "
+                            f"--out_root, and run the same command again")
+    return PrepareError(f"cannot write to {out_dir}/ ({reason}): give a writable --out_root")
 
 
 def make_out_dir(out_root, name):
@@ -426,7 +457,13 @@ def prepare_shards(sources, source, tok, out_dir, text_column, num_proc, max_tok
                 files=[[name, size] for name, size, _, _ in sources], text_column=text_column,
                 shard_tokens=shard_tokens, val_tokens=val_tokens)
     meta_path = out_dir / 'meta.json'
-    old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    try:
+        old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if not isinstance(old, dict) or ('train_shards' in old and not all(
+                k in old for k in ('complete', 'max_tokens', 'val_shards', 'val_tokens', 'train_tokens'))):
+            raise ValueError('not a meta.json of prepare.py')
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"{meta_path} cannot be read ({first_line(e)}): delete it to start over") from None
     done = []  # the finished shards, in the order of the token stream: val_000000.bin, train_000000.bin, ...
     if 'train_shards' in old:  # a shard set from an earlier run: continue it, if it was made the same way
         changed = ['the input files' if k == 'files' else f"{k} {old.get(k)!r} -> {v!r}"
@@ -497,6 +534,8 @@ def prepare_shards(sources, source, tok, out_dir, text_column, num_proc, max_tok
         if out is not None:  # the documents ended inside a shard: it is the last one
             finish([len(sources), 0, 0])
             out = None
+    except OSError as e:  # a full disk, or an input file that cannot be read
+        raise io_error(e, out_dir, [s[2] for s in sources]) from None
     finally:  # also on Ctrl-C or an error: stop the workers, and leave no temp file behind
         stream.close()
         bar.close()
@@ -523,20 +562,33 @@ def prepare_shards(sources, source, tok, out_dir, text_column, num_proc, max_tok
     return meta
 
 
-def prepare(dataset='stdlib', input='', name='', url='', tokenizer='auto', val_fraction=0.005,
-            out_root='data', max_files=0, text_column='text', subset='', num_proc=0, max_tokens=0,
-            shard_tokens=100_000_000, val_tokens=10_000_000):
+def prepare(
+        dataset='stdlib',          # stdlib (offline: Python's own source), shakespeare or tinystories (downloads),
+                                   # fineweb-edu or slimpajama (parquet from the Hugging Face hub, into a shard set)
+        input='',                  # your own text instead: a file, a directory, or a glob (quoted); .parquet and
+                                   # .jsonl files become a shard set
+        name='',                   # the folder under out_root (default: from the input's or the dataset's name)
+        url='',                    # a plain text file to download instead
+        tokenizer='auto',          # gpt2, byte (vocab 256, exact round trip) or auto (gpt2 if it loads, else byte)
+        val_fraction=0.005,        # train.bin/val.bin: the fraction of the tokens at the end that becomes val.bin
+        out_root='data',           # writes out_root/name/
+        max_files=0,               # read only the first max_files input files (0: all)
+        text_column='text',        # parquet/JSONL: the field that holds each document's text
+        subset='',                 # fineweb-edu/slimpajama: the hub folder to read (default: sample/10BT, data)
+        num_proc=0,                # shard sets: tokenizing processes (0: all cores)
+        max_tokens=0,              # shard sets: stop after this many tokens, val included (0: no limit)
+        shard_tokens=100_000_000,  # shard sets: tokens per train shard
+        val_tokens=10_000_000,     # shard sets: tokens of the val shard (val_000000.bin)
+):
     """Write data/<name>/{train.bin,val.bin,meta.json}, or for parquet/JSONL documents (--input, or a hub dataset)
     a shard set (prepare_shards), and return the meta dict. val_fraction is for the first layout; text_column,
     subset, num_proc, max_tokens, shard_tokens and val_tokens for the second."""
     t0 = time.time()
     if not 0 < val_fraction < 1:
         raise PrepareError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
-    limits = dict(num_proc=(num_proc, 0, ' (0: all cores)'), max_tokens=(max_tokens, 0, ' (0: no limit)'),
-                  shard_tokens=(shard_tokens, 1, ''), val_tokens=(val_tokens, 1, ''))
-    for key, (value, low, note) in limits.items():
-        if value < low:
-            raise PrepareError(f"--{key} must be at least {low}{note}, got {value}")
+    check_ranges(locals(), {'num_proc': ('[0, inf)', ' (0: all cores)'), 'max_tokens': ('[0, inf)', ' (0: no limit)'),
+                            'shard_tokens': '[1, inf)', 'val_tokens': '[1, inf)',
+                            'max_files': ('[0, inf)', ' (0: all)')}, error=PrepareError)
     if max_tokens and max_tokens < 2 * val_tokens:
         raise PrepareError(f"--max_tokens={max_tokens:,} leaves fewer train tokens than the {val_tokens:,} val tokens "
                            f"(--val_tokens): raise --max_tokens or lower --val_tokens")
@@ -620,9 +672,11 @@ def prepare(dataset='stdlib', input='', name='', url='', tokenizer='auto', val_f
             src.seek(n_train * itemsize)
             shutil.copyfileobj(src, dst)
         os.truncate(all_tmp, n_train * itemsize)
-    except BaseException:  # includes Ctrl-C: leave no temp files behind
+    except BaseException as e:  # includes Ctrl-C: leave no temp files behind
         all_tmp.unlink(missing_ok=True)
         val_tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise io_error(e, out_dir, files) from None
         raise
 
     meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, dtype=dtype, train_tokens=n_train, val_tokens=n_val,
@@ -634,12 +688,15 @@ def prepare(dataset='stdlib', input='', name='', url='', tokenizer='auto', val_f
     # Remove the old meta first and write the new one last: train.py sees either a complete old set,
     # no meta.json (it asks you to run prepare.py), or a complete new set; never new bins with old meta.
     meta_path = out_dir / 'meta.json'
-    meta_path.unlink(missing_ok=True)
-    os.replace(all_tmp, out_dir / 'train.bin')
-    os.replace(val_tmp, out_dir / 'val.bin')
-    meta_tmp = out_dir / 'meta.json.tmp'
-    meta_tmp.write_text(json.dumps(meta, indent=2) + '\n')
-    os.replace(meta_tmp, meta_path)
+    try:
+        meta_path.unlink(missing_ok=True)
+        os.replace(all_tmp, out_dir / 'train.bin')
+        os.replace(val_tmp, out_dir / 'val.bin')
+        meta_tmp = out_dir / 'meta.json.tmp'
+        meta_tmp.write_text(json.dumps(meta, indent=2) + '\n')
+        os.replace(meta_tmp, meta_path)
+    except OSError as e:
+        raise io_error(e, out_dir) from None
 
     mb = itemsize / 1e6
     print(f"wrote {out_dir}/ in {time.time() - t0:.1f}s: train.bin {n_train:,} tokens ({n_train * mb:.1f} MB), "
@@ -649,23 +706,14 @@ def prepare(dataset='stdlib', input='', name='', url='', tokenizer='auto', val_f
 
 
 def parse_args(argv):
-    """nanoGPT-style --key=value flags; each value takes the type of prepare()'s default."""
-    defaults = {k: p.default for k, p in inspect.signature(prepare).parameters.items()}
-    config = {}
+    """The settings given as --key=value flags (configurator.py: each value takes the type of prepare()'s default,
+    --help lists them all with their defaults), as a dict."""
+    namespace = function_namespace(prepare)
     for arg in argv:
-        if arg in ('-h', '--help'):
-            print(__doc__)
-            sys.exit(0)
-        key, eq, value = arg[2:].partition('=')
-        if not arg.startswith('--') or not eq or key not in defaults:
-            raise PrepareError(f"bad argument {arg!r}: use --key=value with key one of {', '.join(defaults)}")
-        try:
-            if isinstance(defaults[key], int) and 'e' in value.lower() and float(value).is_integer():
-                value = int(float(value))  # --max_tokens=1e9
-            config[key] = type(defaults[key])(value)
-        except ValueError:
-            raise PrepareError(f"--{key} expects {type(defaults[key]).__name__}, got {value!r}") from None
-    return config
+        if not arg.startswith('--') and arg not in ('-h', '--help'):  # no config files here
+            raise PrepareError(f"bad argument {arg!r}: use --key=value (--help lists the settings)")
+    given = configure(namespace, argv, error=PrepareError)
+    return {k: namespace[k] for k in given}
 
 
 def main(argv=None):

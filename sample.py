@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import configure
+from configurator import check_ranges, configure, first_line, load_checkpoint
 from model import SubLLMConfig, SubLLM
 from prepare import get_tokenizer
 
@@ -36,17 +36,24 @@ compile = False             # torch.compile the model's forward (CUDA; decode sh
 use_cache = True            # False: every step reruns the whole sequence (the reference the cache must match)
 # -----------------------------------------------------------------------------
 configure(globals())  # --key=value, or a config file (configurator.py)
-if num_samples < 1 or max_new_tokens < 1:
-    raise SystemExit("--num_samples and --max_new_tokens must be at least 1")
-if temperature <= 0:
-    raise SystemExit(f"--temperature must be > 0, got {temperature} (for greedy decoding use --top_k=1)")
+check_ranges(globals(), {'num_samples': '[1, inf)', 'max_new_tokens': '[1, inf)',
+                         'temperature': ('(0, inf)', ' (for greedy decoding use --top_k=1)'),
+                         'top_k': ('[0, inf)', ' (0: sample among all tokens)'), 'seed': '[0, inf)'})
 
 # device and precision: autocast on the GPU, plain float32 on the CPU
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+if device_type not in ('cpu', 'cuda', 'mps'):
+    raise SystemExit(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
 if device_type == 'cuda' and not torch.cuda.is_available():
     raise SystemExit(f"--device={device}, but this torch sees no CUDA GPU: use --device=cpu")
+if device_type == 'mps' and not torch.backends.mps.is_available():
+    raise SystemExit("--device=mps, but this torch sees no Apple GPU (MPS): use --device=cpu")
+try:
+    torch.device(device)
+except RuntimeError:
+    raise SystemExit(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}") from None
 if dtype == 'auto':
     dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
 if dtype not in ('float32', 'bfloat16', 'float16'):
@@ -56,25 +63,17 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere and newer
 torch.manual_seed(seed)
 
-# the model and its tokenizer, from the checkpoint
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if not os.path.isfile(ckpt_path):
-    raise SystemExit(f"no checkpoint at {ckpt_path}: train a model first (python train.py config/tiny_cpu.py writes "
-                     f"out-tiny/ckpt.pt) or pass --out_dir=DIR of a run that saved one")
-try:
-    checkpoint = torch.load(ckpt_path, map_location='cpu')  # on the CPU first: loading onto the GPU can run out
-except Exception as e:
-    raise SystemExit(f"cannot read {ckpt_path} ({type(e).__name__}): is it a checkpoint written by train.py?") from None
-missing = [k for k in ('model', 'model_args', 'meta') if not isinstance(checkpoint, dict) or k not in checkpoint]
-if missing:
-    raise SystemExit(f"{ckpt_path} has no {', '.join(missing)}: is it a checkpoint written by train.py?")
+# the model and its tokenizer, from the checkpoint (ckpt_prev.pt, the one before it, if ckpt.pt is damaged)
+checkpoint, ckpt_path = load_checkpoint(out_dir, ('model', 'model_args', 'meta'), missing=(
+    f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: train a model first (python train.py config/tiny_cpu.py "
+    f"writes out-tiny/ckpt.pt) or pass --out_dir=DIR of a run that saved one"))
 try:
     model = SubLLM(SubLLMConfig(**checkpoint['model_args']))
     # checkpoints of a compiled model (older ones) carry an '_orig_mod.' prefix
     model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
-except (TypeError, ValueError, RuntimeError) as e:
+except (TypeError, ValueError, RuntimeError, AttributeError) as e:
     raise SystemExit(f"{ckpt_path} does not fit this model.py: {' '.join(str(e).split())[:300]}") from None
-tok = get_tokenizer(checkpoint['meta'].get('tokenizer'))  # a PrepareError (one line) when gpt2 cannot load offline
+tok = get_tokenizer(getattr(checkpoint['meta'], 'get', {}.get)('tokenizer'))  # a PrepareError (one line) when gpt2 cannot load offline
 if tok.vocab_size > model.config.vocab_size:
     raise SystemExit(f"tokenizer {tok.name} has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
 print(f"{ckpt_path}: iter {checkpoint.get('iter_num')}, {model.get_num_params() / 1e6:.2f}M parameters, "
@@ -95,6 +94,10 @@ if start.startswith('FILE:'):
 start_ids = tok.encode(start)
 if not start_ids:
     raise SystemExit("the prompt encodes to no tokens: give a non-empty --start (or FILE:path of a non-empty file)")
+if len(start_ids) + max_new_tokens > model.config.block_size:
+    raise SystemExit(f"the prompt ({len(start_ids)} tokens) + --max_new_tokens={max_new_tokens} = "
+                     f"{len(start_ids) + max_new_tokens} tokens is longer than the model's "
+                     f"block_size={model.config.block_size}: shorten the prompt or lower --max_new_tokens")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :]
 
 
@@ -104,12 +107,35 @@ def now():
     return time.perf_counter()
 
 
-# Level counters (model.level_stats) add up every eval-mode forward, prefill and decode steps alike. generate(x, 0)
-# runs exactly the prefill that generate(x, n) begins with (same code, same cache), so its counts and its time are
-# the prompt's share, subtracted below. What is left are the generate's decode steps: max_new_tokens - 1 tokens per
-# sample, since the last sampled token is never fed back. Those are the "generated tokens" of the level fractions.
-# Without the cache every step reruns the whole sequence, so the decisions are counted once instead, in one
-# reference forward over the same tokens (the cached decode takes the same decisions: model.py's tests check it).
+def generate_timed(x):
+    """One sample: model.generate(x, max_new_tokens), one prefill and the decode steps, each timed directly. A hook
+    on the first forward (the prefill) marks the time when it returns, and reads and resets the level counters
+    there. Returns the tokens, the prefill's time (start to mark), the decode's time (mark to end; it includes
+    sampling the first new token) and the prompt's level counts."""
+    marks = []
+
+    @torch.compiler.disable  # with --compile=True: the hook runs eagerly, between the compiled graphs
+    def after_prefill(module, args, output):
+        marks.append(now())
+        marks.append(module.level_stats())
+        module.reset_level_stats()
+        handle.remove()  # the decode steps go on without it
+    handle = model.register_forward_hook(after_prefill)
+    t0 = now()
+    try:
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, use_cache=use_cache)
+    finally:
+        handle.remove()
+    t_end = now()
+    return y, marks[0] - t0, t_end - marks[0], marks[1]
+
+
+# The level fractions count generated tokens only. With the cache, the counters are reset when the prefill returns,
+# so at the end they hold the decode steps: max_new_tokens - 1 tokens per sample, since the last sampled token is
+# never fed back. Those are the "generated tokens" of the level fractions. Without the cache every step reruns the
+# whole sequence, so the decisions are counted once instead, in one reference forward over the same tokens, less
+# the prompt's counts (the eval selection is causal: a token's decision does not depend on later tokens; the cached
+# decode takes the same decisions: model.py's tests check it).
 n_levels = len(model.level_stats())
 offered, entered = [0] * n_levels, [0] * n_levels  # per level: generated tokens that reached it / that entered it
 prefill_time = decode_time = 0.0
@@ -117,28 +143,24 @@ try:
     with torch.no_grad(), ctx:
         for _ in range(num_samples):
             model.reset_level_stats()
-            t0 = now()
-            model.generate(x, 0, use_cache=use_cache)
-            t1, prompt_stats = now(), model.level_stats()
-            model.reset_level_stats()
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, use_cache=use_cache)
-            t2 = now()
-            prefill_time, decode_time = prefill_time + (t1 - t0), decode_time + (t2 - t1) - (t1 - t0)
+            y, t_prefill, t_decode, prompt_stats = generate_timed(x)
+            prefill_time, decode_time = prefill_time + t_prefill, decode_time + t_decode
+            stats = model.level_stats()
             if not use_cache:
                 model.reset_level_stats()
-                model.generate(y[:, :-1], 0, use_cache=False)
-            for i, ((_, n_in, n_kept), (_, p_in, p_kept)) in enumerate(zip(model.level_stats(), prompt_stats)):
-                offered[i] += n_in - p_in
-                entered[i] += n_kept - p_kept
+                model(y[:, :-1])  # the reference forward
+                stats = [(d, n_in - p_in, n_kept - p_kept)
+                         for (d, n_in, n_kept), (_, p_in, p_kept) in zip(model.level_stats(), prompt_stats)]
+            for i, (_, n_in, n_kept) in enumerate(stats):
+                offered[i] += n_in
+                entered[i] += n_kept
             # the model's vocab is padded to a multiple of 64: ids past the tokenizer's (never trained on) are dropped
             print(tok.decode([t for t in y[0].tolist() if t < tok.vocab_size]))
             print('---------------')
-except ValueError as e:  # from generate: prompt + max_new_tokens longer than block_size
-    raise SystemExit(str(e)) from None
 except Exception as e:
     if not compile:
         raise
-    raise SystemExit(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+    raise SystemExit(f"torch.compile failed ({type(e).__name__}: {first_line(e)}): "
                      f"run with --compile=False") from None
 
 n_new = num_samples * max_new_tokens

@@ -241,10 +241,10 @@ def test_interrupted_run_keeps_old_output_and_no_temp_files(tmp_path, monkeypatc
     before = load(tmp_path / 'data' / 'in')
     make_corpus(tmp_path / 'in', {'a.txt': 'new text ' * 100, 'b.txt': 'more'})
 
-    def interrupted(self, text):
-        if 'more' in text:
+    def interrupted(self, data):  # prepare.py gives the byte tokenizer the file's bytes
+        if b'more' in data:
             raise KeyboardInterrupt
-        return list(text.encode())
+        return list(data)
 
     monkeypatch.setattr(prepare.ByteTokenizer, 'encode', interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -92,7 +92,8 @@ def test_loss_falls_on_a_repeated_batch_and_checkpoint_has_what_sample_needs(mon
         assert set(log[-1]) == fields | {'val_loss_train_selection', 'kept', 'agree', 'dropped'}
         assert len(log[-1]['kept']) == 2 and all(0 <= k <= 1 for k in log[-1]['kept'])
 
-    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']  # no ckpt.pt.tmp left behind
+    # the checkpoint and the one before it (saved at iters 20 and 30); no ckpt.pt.tmp, no train.lock left behind
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'ckpt_prev.pt', 'log.jsonl']
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)  # plain types only: safe to load
     assert set(ckpt) == CKPT_KEYS
     assert ckpt['iter_num'] == 30 and ckpt['meta']['vocab_size'] == 64 and ckpt['config']['max_iters'] == 30

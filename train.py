@@ -21,13 +21,18 @@ batches) and dropped (in the training steps since the last eval, the fraction of
 score that the training selection skipped: below the top-k cut, or past the capacity).
 flops: the training FLOPs spent so far (3x the forward FLOPs of each step, counted as flops.forward_flops does:
 each block with the tokens it sees). With --est=True also stage and flops_dense (what dense training spends).
-out_dir/ckpt.pt holds everything to resume or to sample.
+out_dir/ckpt.pt holds everything to resume or to sample, and ckpt_prev.pt the checkpoint before it: a resume from a
+damaged ckpt.pt falls back to it. out_dir/train.lock (the pid of the run) keeps a second run out of a live run's
+out_dir, and a new run does not start in an out_dir that holds another run's checkpoint unless --overwrite=True.
 """
+import atexit
 import gc
 import json
 import math
 import os
 import random
+import re
+import socket
 import time
 import warnings
 from contextlib import nullcontext
@@ -38,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure, settings_of
+from configurator import check_ranges, configure, first_line, load_checkpoint, settings_of
 from est import est_stage, set_subnetwork, subnetwork_at
 from flops import estimate_mfu, forward_flops
 from grow import grow
@@ -54,6 +59,8 @@ eval_iters = 50                 # batches per split at each eval
 eval_only = False               # evaluate once (at iter 0, or at the resumed checkpoint) and exit
 always_save_checkpoint = True   # save at every eval; if False only when val loss improves (and always at the end)
 init_from = 'scratch'           # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'grow' (a deeper copy of grow_from's)
+overwrite = False               # a new run (scratch, grow) in an out_dir that holds another run's checkpoint or log:
+                                # False refuses, True deletes them and starts afresh
 # growing a trained model (init_from='grow'): a new run at iter 0, fresh optimizer, from grow_from/ckpt.pt's weights
 grow_from = ''                  # the out_dir of the trained model
 grow_method = 'tli'             # 'tli': inject a block after every grow_k-th; 'dus': Depth Up-Scaling, drops grow_m
@@ -119,16 +126,53 @@ est_p_layers = 0.5              # stage 1: fraction of the blocks that run (firs
 user_keys = configure(globals(), tuples=('keep_ratio',))  # config files, then --key=value (configurator.py)
 config_keys = settings_of(globals())
 config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint
+# every setting's valid range, before anything runs: one line that says which and what (grow.py checks grow_*)
+check_ranges(globals(), {
+    'eval_interval': ('[1, inf)', ' (iterations between evals)'), 'log_interval': '[1, inf)',
+    'eval_iters': '[1, inf)', 'gradient_accumulation_steps': '[1, inf)', 'batch_size': '[1, inf)',
+    'block_size': '[1, inf)', 'n_embd': '[1, inf)', 'n_head': '[1, inf)', 'n_kv_head': ('[0, inf)', ' (0: n_head)'),
+    'ffn_hidden': ('[0, inf)', " (0: LLaMA's rule)"), 'keep_ratio': '(0, 1]', 'capacity_slack': '[0, inf)',
+    'rope_theta': '(0, inf)', 'norm_eps': '[0, inf)', 'dropout': '[0, 1)', 'bypass_schedule_steps': '[0, inf)',
+    'balancer_schedule_steps': '[0, inf)', 'rec_window': '[1, inf)', 'rec_alpha': '[0, 1]',
+    'learning_rate': '[0, inf)', 'max_iters': '[0, inf)', 'weight_decay': '[0, inf)', 'beta1': '[0, 1)',
+    'beta2': '[0, 1)', 'grad_clip': ('[0, inf)', ' (0: no clipping)'), 'warmup_iters': '[0, inf)',
+    'lr_decay_iters': ('[0, inf)', ' (0: until max_iters)'), 'min_lr': '[0, inf)', 'seed': '[0, 2147483647]',
+    'eval_seed': '[0, 2147483647]'})
+for key, choices in dict(init_from=('scratch', 'resume', 'grow'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
+                         selection=('topk', 'threshold'), balancer=('strong', 'spec')).items():
+    if globals()[key] not in choices:
+        raise SystemExit(f"--{key} must be one of {', '.join(choices)}, got {globals()[key]!r}")
+if not out_dir:
+    raise SystemExit("--out_dir is empty: give the directory for the checkpoint and log, e.g. --out_dir=out")
+if init_from == 'grow' and grow_from and os.path.abspath(grow_from) == os.path.abspath(out_dir):
+    raise SystemExit(f"out_dir and grow_from are both {out_dir!r}: give the grown run its own --out_dir, or its "
+                     f"checkpoints would overwrite the model it grows from")
+if est and not 0 <= est_stage1_end <= est_stage2_end <= 1:
+    raise SystemExit(f"EST stages need 0 <= est_stage1_end <= est_stage2_end <= 1, got {est_stage1_end} and "
+                     f"{est_stage2_end} (fractions of max_iters)")
+if est and not all(0 < p <= 1 for p in (est_p_heads, est_p_units, est_p_layers)):
+    raise SystemExit(f"est_p_heads, est_p_units and est_p_layers must be in (0, 1], got {est_p_heads}, "
+                     f"{est_p_units} and {est_p_layers}")
 # -----------------------------------------------------------------------------
 
 # device, precision and DDP (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+if device_type not in ('cpu', 'cuda', 'mps') or not re.fullmatch(r'[a-z]+(:\d+)?', device):
+    raise SystemExit(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+if device_type == 'cuda' and not torch.cuda.is_available():
+    raise SystemExit(f"--device={device}, but this torch ({torch.__version__}) sees no CUDA GPU: use --device=cpu, or "
+                     f"--device=auto (the GPU when there is one)")
+if device_type == 'cuda' and ':' in device and int(device.split(':')[1]) >= torch.cuda.device_count():
+    raise SystemExit(f"--device={device}, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+if device_type == 'mps' and not torch.backends.mps.is_available():
+    raise SystemExit("--device=mps, but this torch sees no Apple GPU (MPS): use --device=cpu")
 if dtype == 'auto':
     dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    raise SystemExit(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+if dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+    raise SystemExit("--dtype=bfloat16, but this GPU does not support it: use --dtype=float16 (or auto)")
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
     ddp_rank, ddp_local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
@@ -137,6 +181,9 @@ if ddp:
         raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} counts micro-steps over all "
                          f"processes, so it must be divisible by the number of processes ({ddp_world_size})")
     gradient_accumulation_steps //= ddp_world_size
+    if device_type == 'cuda' and ddp_local_rank >= torch.cuda.device_count():
+        raise SystemExit(f"local rank {ddp_local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                         f"start at most that many processes per node (--nproc_per_node)")
     if device_type == 'cuda':
         device = f'cuda:{ddp_local_rank}'
         torch.cuda.set_device(device)
@@ -159,8 +206,16 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 data_path = os.path.join(data_dir, dataset)
 meta = {}
 if os.path.exists(os.path.join(data_path, 'meta.json')):
-    with open(os.path.join(data_path, 'meta.json')) as f:
-        meta = json.load(f)
+    try:
+        with open(os.path.join(data_path, 'meta.json')) as f:
+            meta = json.load(f)
+        lacks = [k for k in ('tokenizer', 'vocab_size', 'dtype') if not isinstance(meta, dict) or k not in meta]
+        if lacks:
+            raise ValueError(f"it has no {', '.join(lacks)}")
+        np.dtype(meta['dtype'])
+    except (OSError, ValueError, TypeError) as e:  # also json's JSONDecodeError and UnicodeDecodeError
+        raise SystemExit(f"{data_path}/meta.json cannot be read ({first_line(e)}): run prepare.py again for this "
+                         f"data (`python prepare.py --help`)") from None
 data_files = {split: [s['file'] for s in meta[f'{split}_shards']] if f'{split}_shards' in meta else [f'{split}.bin']
               for split in ('train', 'val')}
 missing = [f for f in (*data_files['train'], *data_files['val'], 'meta.json')
@@ -204,10 +259,13 @@ def get_batch(split, generator):
     return x.to(device), y.to(device)
 
 
-# model: from scratch, or from out_dir/ckpt.pt
+# model: from scratch, or from out_dir/ckpt.pt (or ckpt_prev.pt, the checkpoint before it, if ckpt.pt is damaged)
 iter_num, best_val_loss, train_seconds = 0, float('inf'), 0.0
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+ckpt_path, prev_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'ckpt_prev.pt')
 checkpoint = None
+keep_prev = True  # the next save moves ckpt.pt to ckpt_prev.pt; not when ckpt.pt is the damaged file resumed past
+RESUME_KEYS = ('model', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'config', 'rng',
+               'train_seconds')
 if init_from == 'scratch':
     model_args = dict(vocab_size=64 * math.ceil(meta['vocab_size'] / 64),  # a multiple of 64 is faster (50257 -> 50304)
                       block_size=block_size, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head or None,
@@ -218,14 +276,14 @@ if init_from == 'scratch':
                       bypass_schedule_steps=bypass_schedule_steps, balancer_schedule_steps=balancer_schedule_steps,
                       rec_window=rec_window, rec_alpha=rec_alpha, rec_learn_alpha=rec_learn_alpha)
 elif init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"init_from=resume, but there is no checkpoint at {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location='cpu')  # on CPU first: loading onto the GPU can run out of memory
+    checkpoint, path = load_checkpoint(out_dir, RESUME_KEYS, say=print if master_process else lambda line: None,
+                                       missing=f"init_from=resume, but there is no checkpoint at {ckpt_path}")
+    keep_prev = path == ckpt_path
     model_args = checkpoint['model_args']  # the model's shape comes from the checkpoint, everything else from this run
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     train_seconds = checkpoint['train_seconds']
     changed = [f"{k}={config[k]!r} (was {v!r})" for k, v in checkpoint['config'].items()
-               if k != 'init_from' and config.get(k) != v]
+               if k not in ('init_from', 'overwrite') and config.get(k) != v]
     if changed and master_process:
         print(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
     if meta['vocab_size'] > model_args['vocab_size']:
@@ -233,14 +291,15 @@ elif init_from == 'resume':
                          f"({model_args['vocab_size']}): resume on the dataset it was trained on")
 elif init_from == 'grow':
     grow_path = os.path.join(grow_from, 'ckpt.pt')
-    if not grow_from or not os.path.exists(grow_path):
+    if not grow_from or not any(os.path.exists(os.path.join(grow_from, f)) for f in ('ckpt.pt', 'ckpt_prev.pt')):
         raise SystemExit(f"init_from=grow needs --grow_from=OUT_DIR of a trained model: no checkpoint at {grow_path}")
-    if os.path.abspath(grow_from) == os.path.abspath(out_dir):
-        raise SystemExit(f"out_dir and grow_from are both {out_dir!r}: give the grown run its own --out_dir, or its "
-                         f"checkpoints would overwrite the model it grows from")
-    source = torch.load(grow_path, map_location='cpu')
-    base = SubLLM(SubLLMConfig(**source['model_args']))
-    base.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in source['model'].items()})
+    source, grow_path = load_checkpoint(grow_from, ('model', 'model_args', 'iter_num'),
+                                        say=print if master_process else lambda line: None)
+    try:
+        base = SubLLM(SubLLMConfig(**source['model_args']))
+        base.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in source['model'].items()})
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise SystemExit(f"{grow_path} does not fit this model.py: {' '.join(str(e).split())[:300]}") from None
     try:
         grown = grow(base, method=grow_method, k=grow_k, init=grow_init, m=grow_m)
     except ValueError as e:
@@ -254,16 +313,16 @@ elif init_from == 'grow':
         raise SystemExit(f"the data's vocab ({meta['vocab_size']}) is larger than the grown model's "
                          f"({model_args['vocab_size']}): grow on the dataset it was trained on")
     source = base = grown = None  # free the memory
-else:
-    raise SystemExit(f"init_from must be 'scratch', 'resume' or 'grow', got {init_from!r}")
 try:
     model = SubLLM(SubLLMConfig(**model_args))
-except ValueError as e:
-    raise SystemExit(f"bad model settings: {e}") from None
+except (TypeError, ValueError) as e:
+    raise SystemExit(f"bad model settings{'' if checkpoint is None else ' in ' + path}: {e}") from None
 vocab_size = model.config.vocab_size
 if checkpoint is not None:
-    # checkpoints of a compiled model (older ones) carry an '_orig_mod.' prefix
-    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+    try:  # checkpoints of a compiled model (older ones) carry an '_orig_mod.' prefix
+        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+    except (RuntimeError, AttributeError) as e:
+        raise SystemExit(f"{path} does not fit this model.py: {' '.join(str(e).split())[:300]}") from None
 elif init_from == 'grow':
     model.load_state_dict(grown_weights)
     grown_weights = None
@@ -290,8 +349,12 @@ if master_process:
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # fp16 needs loss scaling; bf16 does not
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    scaler.load_state_dict(checkpoint['scaler'])
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scaler.load_state_dict(checkpoint['scaler'])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"the optimizer state in {path} does not fit this model ({first_line(e)}): was it saved by "
+                         f"another version of train.py?") from None
 
 raw_model = model  # the plain module: evals, checkpoints, set_step and MFU use it
 if use_compile:
@@ -311,12 +374,96 @@ if use_compile:
 # Evolving Subnetwork Training: the sub-network of each step, and the training FLOPs it spends
 if est and 'R' in raw_model.config.structure:
     raise SystemExit("--est=True does not support recurrent blocks ('R' in the structure): train it without est")
-if est and not 0 <= est_stage1_end <= est_stage2_end <= 1:
-    raise SystemExit(f"EST stages need 0 <= est_stage1_end <= est_stage2_end <= 1, got {est_stage1_end} and "
-                     f"{est_stage2_end} (fractions of max_iters)")
-if est and not all(0 < p <= 1 for p in (est_p_heads, est_p_units, est_p_layers)):
-    raise SystemExit(f"est_p_heads, est_p_units and est_p_layers must be in (0, 1], got {est_p_heads}, "
-                     f"{est_p_units} and {est_p_layers}")
+
+
+# out_dir: one run at a time. Rank 0 holds out_dir/train.lock (its pid and host) from here until it exits. A second
+# run on the same out_dir is refused, naming the first; so is a new run (scratch, grow) in an out_dir that holds
+# another run's checkpoint or log, unless --overwrite=True. Under DDP the other ranks learn of a refusal below.
+lock_path = os.path.join(out_dir, 'train.lock')
+lock_text = f"{os.getpid()} {socket.gethostname()}\n"
+
+
+def lock_holder():
+    """The text of the lock file ('pid host'), and whether that process is alive: True when it cannot be told
+    (another host; Windows, where os.kill(pid, 0) would end the process; a lock written a moment ago)."""
+    try:
+        with open(lock_path) as f:
+            text = f.read()
+        age = time.time() - os.path.getmtime(lock_path)
+    except FileNotFoundError:
+        return None, False
+    pid, _, host = text.strip().partition(' ')
+    if not pid.isdigit():
+        return text, age < 10  # being written (the pid follows the creation at once), or garbage
+    if host != socket.gethostname() or os.name == 'nt':
+        return text, True
+    if int(pid) == os.getpid():  # an earlier run in this same process (tests run train.py in-process), now over
+        return text, False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return text, False
+    except OSError:  # PermissionError: it exists, as another user's process
+        pass
+    return text, True
+
+
+def release_lock():
+    try:
+        with open(lock_path) as f:
+            if f.read() == lock_text:
+                os.remove(lock_path)
+    except OSError:
+        pass
+
+
+def take_out_dir():
+    """Make out_dir and take its lock. Returns None, or the one-line reason why this run must not use out_dir."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for _ in range(5):
+            try:
+                fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                text, alive = lock_holder()
+                if alive:
+                    pid, _, host = (text or '').strip().partition(' ')
+                    return (f"{out_dir}/ is in use by another training run (pid {pid or '?'}"
+                            f"{'' if host == socket.gethostname() else ' on ' + host}, lock file {lock_path}): wait "
+                            f"for it to end or stop it, or give another --out_dir (if no such run exists, delete "
+                            f"{lock_path})")
+                aside = f"{lock_path}.{os.getpid()}"  # a stale lock: take it away atomically, then check it is the
+                try:                                 # one just read (another run may have replaced it meanwhile)
+                    os.replace(lock_path, aside)
+                except FileNotFoundError:
+                    continue
+                with open(aside) as f:
+                    if f.read() == text:
+                        os.remove(aside)
+                    else:
+                        os.replace(aside, lock_path)
+                continue
+            with os.fdopen(fd, 'w') as f:
+                f.write(lock_text)
+            atexit.register(release_lock)  # also on SystemExit, an exception or Ctrl-C
+            break
+        else:
+            return f"cannot take the lock {lock_path}: another run keeps taking it; try again"
+    except OSError as e:
+        return f"cannot write to {out_dir}/ ({e.strerror or first_line(e)}): give a writable --out_dir"
+    if init_from == 'resume':
+        return None
+    found = [f for f in ('ckpt.pt', 'ckpt_prev.pt', 'log.jsonl')
+             if os.path.exists(os.path.join(out_dir, f)) and os.path.getsize(os.path.join(out_dir, f)) > 0]
+    if found and not overwrite:
+        release_lock()
+        found = ', '.join(found[:-1]) + ' and ' * (len(found) > 1) + found[-1]
+        return (f"{out_dir}/ holds {found} of an earlier run: --init_from=resume continues it, "
+                f"--overwrite=True deletes them and starts afresh, or give another --out_dir")
+    return None
+
+
+refusal = take_out_dir() if master_process and not eval_only else None  # acted on by leave_if, below
 if ddp:
     dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
     # torch 2.13 deprecates broadcast_buffers but asks to keep it where buffers are rank-local (score_offset is)
@@ -340,6 +487,19 @@ def leave(message=None):
         dist.destroy_process_group()
     if message:
         raise SystemExit(message if master_process else 1)
+
+
+def leave_if(message):
+    """Rank 0's message (None: carry on) reaches every rank; with one, every rank leaves, together."""
+    if ddp:
+        flag = [message]
+        dist.broadcast_object_list(flag, src=0)
+        message = flag[0]
+    if message:
+        leave(message)
+
+
+leave_if(refusal)  # another run holds out_dir, or it holds another run's checkpoint (take_out_dir)
 flops_per_iter_dense = 3 * forward_flops(raw_model, block_size) * (tokens_per_iter // block_size)  # bwd = 2x fwd
 flops_spent = 0.0 if checkpoint is None else checkpoint.get('flops', iter_num * flops_per_iter_dense)
 
@@ -436,13 +596,51 @@ if est and use_compile:  # the blocks are compiled in place: keep evals eager, a
     estimate_loss = torch.compiler.set_stance('force_eager')(estimate_loss)
 
 
-# logging: out_dir/log.jsonl gets one JSON line per eval
+# logging: out_dir/log.jsonl gets one JSON line per eval. A resumed run keeps the records up to its checkpoint's
+# iter (it redoes the evals after it); a line that is not a record (cut short by a crash, a bad edit) is skipped,
+# and said. The kept lines go to a temp file that is then renamed over the log: a crash meanwhile loses nothing.
 log_path = os.path.join(out_dir, 'log.jsonl')
+
+
+def log_lines_until(it):
+    """The lines of log.jsonl whose record's iter is <= it, and the numbers of the lines that are not records."""
+    kept, bad = [], []
+    with open(log_path, encoding='utf-8', errors='replace') as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                ok = isinstance(record, dict) and isinstance(record.get('iter'), int)
+            except ValueError:
+                ok = False
+            if not ok:
+                bad.append(number)
+            elif record['iter'] <= it:
+                kept.append(line.rstrip('\n') + '\n')
+    return kept, bad
+
+
+problem = None
 if master_process and not eval_only:
-    os.makedirs(out_dir, exist_ok=True)
-    old = open(log_path).readlines() if init_from == 'resume' and os.path.exists(log_path) else []
-    with open(log_path, 'w') as f:  # a resumed run drops the evals after its checkpoint: it redoes them
-        f.writelines(line for line in old if line.strip() and json.loads(line)['iter'] <= iter_num)
+    try:
+        kept = []
+        if init_from == 'resume' and os.path.exists(log_path):
+            kept, bad = log_lines_until(iter_num)
+            if bad:
+                shown = ', '.join(map(str, bad[:5])) + (' ...' if len(bad) > 5 else '')
+                print(f"{log_path}: skipped {len(bad)} line(s) that are not JSON records (line {shown}); kept the "
+                      f"{len(kept)} record(s) up to iter {iter_num}")
+        elif init_from != 'resume':  # a new run: take_out_dir let it in on an empty out_dir, or with --overwrite=True
+            for old_file in (ckpt_path, prev_path):
+                if os.path.exists(old_file):
+                    os.remove(old_file)
+        with open(log_path + '.tmp', 'w') as f:
+            f.writelines(kept)
+        os.replace(log_path + '.tmp', log_path)
+    except OSError as e:
+        problem = f"cannot write {log_path} ({e.strerror or first_line(e)}): give a writable --out_dir"
+leave_if(problem)
 
 # training loop
 resumed_at = iter_num if init_from == 'resume' else None  # that iter's eval came before its checkpoint was saved
@@ -484,8 +682,12 @@ while True:
                               flops=flops_spent, lr=lr, **losses)
                 if est:  # the FLOPs that dense training would have spent
                     record.update(stage=stage_at(iter_num), flops_dense=iter_num * flops_per_iter_dense)
-                with open(log_path, 'a') as f:
-                    f.write(json.dumps(record) + '\n')
+                try:
+                    with open(log_path, 'a') as f:
+                        f.write(json.dumps(record) + '\n')
+                except OSError as e:  # a full disk: stop, keeping what is there
+                    stop = (f"cannot write {log_path} at iter {iter_num} ({e.strerror or first_line(e)}): stopping; "
+                            f"free some disk space and continue with --init_from=resume")
             improved = losses['val_loss'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val_loss'])
             if stop is None and iter_num > 0 and not eval_only and (improved or always_save_checkpoint
@@ -504,8 +706,17 @@ while True:
                     'flops': flops_spent,
                 }
                 print(f"saving checkpoint to {ckpt_path}")
-                torch.save(checkpoint, ckpt_path + '.tmp')  # write, then rename: a crash never leaves half a file
-                os.replace(ckpt_path + '.tmp', ckpt_path)
+                try:  # write, then rename: a crash never leaves half a file; the one before becomes ckpt_prev.pt
+                    torch.save(checkpoint, ckpt_path + '.tmp')
+                    if keep_prev and os.path.exists(ckpt_path):
+                        os.replace(ckpt_path, prev_path)
+                    os.replace(ckpt_path + '.tmp', ckpt_path)
+                    keep_prev = True
+                except (OSError, RuntimeError) as e:  # a full disk: torch.save raises either
+                    if os.path.exists(ckpt_path + '.tmp'):
+                        os.remove(ckpt_path + '.tmp')
+                    stop = (f"cannot save {ckpt_path} at iter {iter_num} ({first_line(e)}): stopping; the checkpoints "
+                            f"before it are kept; free some disk space and continue with --init_from=resume")
                 checkpoint = None
             t0 = t_train = time.time()
         if ddp:  # rank 0 tells every rank whether its eval stopped the run
@@ -568,3 +779,5 @@ while True:
     local_iter_num += 1
 
 leave()  # every rank, after rank 0's last eval and checkpoint
+if master_process:
+    release_lock()  # atexit would too; this frees it for a next run in this same process (tests run train.py so)

@@ -1,0 +1,96 @@
+"""
+Tests of gpu_check.py, the one-command GPU acceptance run, where no GPU is: its CPU size end to end (the same three
+stages and report at toy size, so that the script does not rot between GPU runs), a failing stage that leaves the
+others running, and the GPU size's commands, which every script must accept (the GPU run itself needs a GPU).
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GPU_CHECK = os.path.join(HERE, 'gpu_check.py')
+ENV = dict(os.environ, OMP_NUM_THREADS='1')
+
+
+def gpu_check(tmp_path, *args):
+    """Run gpu_check.py at CPU size; returns the finished process and the JSON report (None if none was written)."""
+    out = tmp_path / 'check.json'
+    result = subprocess.run([sys.executable, GPU_CHECK, '--size=cpu', f'--out={out}', *args], cwd=HERE, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    return result, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_cpu_size_runs_the_three_stages_and_reports_their_numbers(tmp_path):
+    result, report = gpu_check(tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert report['ok'] and list(report['stages']) == ['equivalence', 'bench', 'train']
+    assert report['size'] == 'cpu' and report['torch'] and report['date'] and report['seconds'] < report['budget_s']
+    for stage in report['stages']:
+        assert (tmp_path / f'check.{stage}.log').stat().st_size > 0
+
+    eq = report['stages']['equivalence']  # test_model.py's KV-cache tests, in bf16 on the CPU here
+    names = {t['name'].split('[')[0] for t in eq['tests']}
+    assert {'test_cached_decoding_equals_full_forward', 'test_cached_decoding_baseline',
+            'test_greedy_generation_same_with_and_without_cache', 'test_cached_decoding_under_autocast'} <= names
+    assert eq['passed'] == len(eq['tests']) >= 20 and eq['failed'] == 0
+    assert (eq['device'], eq['dtype']) == ('cpu', 'bfloat16')
+    assert 0 <= eq['max_logit_diff'] < eq['tolerance'] == 0.25 and 0 <= eq['max_greedy_gap'] < eq['tolerance']
+
+    bench = report['stages']['bench']  # one row per mode, length and batch; both models measured
+    expected = {(mode, T, B) for T in (32, 64)
+                for mode, B in [('train', 512 // T), ('prefill', 512 // T), ('decode', 1), ('decode', 2)]}
+    assert {(r['mode'], r['seq_len'], r['batch']) for r in bench['rows']} == expected
+    assert len(bench['records']) == 2 * len(bench['rows'])
+    for r in bench['rows']:
+        for key in ('llama_tokens_per_s', 'subllm_tokens_per_s', 'speedup', 'flop_ratio'):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r['flop_ratio'] > 1 and not r['oom']
+        assert r['llama_mem_bytes'] >= 0 and r['llama_mfu'] is None  # no peak FLOP/s on a CPU
+
+    train = report['stages']['train']  # the 250m config's file, toy-sized, 10 iterations on stdlib bytes
+    assert train['config'] == 'config/gpu_subllm_250m.py' and 'stdlib' in train['data']
+    assert [i for i, _ in train['loss_curve']] == list(range(10))
+    assert all(math.isfinite(loss) for _, loss in train['loss_curve'])
+    assert [e['iter'] for e in train['evals']] == [0, 3, 6, 9, 10] and train['loss_decreased']
+    assert train['tokens_per_iter'] == 4 * 64 and train['vocab_size'] == 256 and train['tokens_per_s'] > 0
+    assert train['mfu'] is None and train['steady_iters'] == [3, 10]
+
+    for line in ('equivalence  ok', 'bench        ok', 'train        ok', 'all passed', '| mode | seq_len |'):
+        assert line in result.stdout
+
+
+def test_a_failing_stage_is_reported_and_the_next_one_still_runs(tmp_path):
+    result, report = gpu_check(tmp_path, '--stages=equivalence,bench', '--equiv_dtype=float64',
+                               '--bench_seq_lens=32')
+    assert result.returncode == 1 and not report['ok']
+    eq, bench = report['stages']['equivalence'], report['stages']['bench']
+    assert not eq['ok'] and eq['passed'] == 0 and 'exit status' in eq['error']
+    assert 'SUBLLM_TEST_DTYPE must be float32' in (tmp_path / 'check.equivalence.log').read_text()
+    assert bench['ok'] and bench['rows']
+    assert 'FAILED' in result.stdout and 'train' not in report['stages']
+
+
+def test_the_gpu_size_commands_are_accepted_by_their_scripts(tmp_path):
+    """--dry_run lists the GPU run's commands without a GPU; each script parses its flags (--help, added last,
+    exits 0 only after every flag before it was accepted) and pytest collects the KV-cache tests."""
+    listed = subprocess.run([sys.executable, GPU_CHECK, '--size=gpu', '--dry_run=True', f'--work_dir={tmp_path}'],
+                            cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    plan = json.loads(listed.stdout)
+    assert plan['env']['equivalence'] == {'SUBLLM_TEST_DEVICE': 'cuda', 'SUBLLM_TEST_DTYPE': 'bfloat16'}
+    (prepare, train), (bench,) = plan['commands']['train'], plan['commands']['bench']
+    assert '--max_iters=150' in train and 'config/gpu_subllm_250m.py' in train
+    assert '--preset=1300m' in bench and '--seq_lens=2048,4096,8192' in bench and '--decode_batch=8' in bench
+    for cmd in (prepare, train, bench):
+        done = subprocess.run(cmd + ['--help'], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and not done.stderr.strip(), (cmd, done.stderr)
+    (pytest_cmd,) = plan['commands']['equivalence']
+    collected = subprocess.run([c for c in pytest_cmd if not c.startswith('--junitxml')] + ['--collect-only'],
+                               cwd=HERE, env=dict(ENV, **plan['env']['equivalence']), capture_output=True,
+                               text=True, timeout=120)
+    assert collected.returncode == 0, collected.stdout[-2000:]
+    n = re.search(r"(\d+)/\d+ tests collected", collected.stdout)
+    assert n and int(n.group(1)) >= 20 and 'test_cached_decoding_equals_full_forward' in collected.stdout
