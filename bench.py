@@ -240,8 +240,8 @@ def sync():
 
 # -----------------------------------------------------------------------------
 # one measurement: RUNS[mode](name, tokens, B, T) sets a model up and returns (call, result). call() runs one timed
-# iteration; result(n_calls), after the timed calls, gives (steps per call, tokens per step, FLOPs per step, keep
-# fractions, blocks per token). A step is an iteration, or one decoded token per row.
+# iteration; result(n_calls), after the timed calls, gives a dict: steps per call, tokens and FLOPs per step, keep
+# fractions, and for decode the blocks per token and per step. A step is an iteration, or one token per row.
 
 
 def keep_fractions(stats):
@@ -270,8 +270,8 @@ def run_train(name, tokens, B, T):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def result(n_calls):
-        return 1, B * T, 3 * B * forward_flops(model, T), training_keep(model, T), len(model.blocks())  # bwd = 2 fwd
+    def result(n_calls):  # backward = 2 forwards
+        return dict(steps=1, tokens=B * T, flops=3 * B * forward_flops(model, T), keep=training_keep(model, T))
     return step, result
 
 
@@ -297,7 +297,7 @@ def run_prefill(name, tokens, B, T):
     def result(n_calls):  # the level counters add up the timed calls: the same input keeps the same tokens
         keep = keep_fractions(model.level_stats())
         flops = forward_flops(model, T, keep) - 2 * (T - 1) * config.n_embd * config.vocab_size  # logits: last only
-        return 1, B * T, B * flops, keep, len(model.blocks())
+        return dict(steps=1, tokens=B * T, flops=B * flops, keep=keep)
     return prefill, result
 
 
@@ -305,31 +305,45 @@ def run_decode(name, tokens, B, T):
     """Prefill half the length into the KV cache (here, untimed); then each call rewinds the caches to the prompt
     and decodes decode_tokens steps of one token per row. Each step feeds the next input token rather than the
     argmax: a random model's greedy output tends to repeat one token, which its levels would then all keep or all
-    skip; random tokens keep what the calibration set (same cost)."""
+    skip; random tokens keep what the calibration set (same cost). Every call routes the same tokens the same way:
+    the first (untimed) counts the steps in which each level runs its inner blocks, for any row."""
     model, P = models[name], T // 2
     model.eval()
     with torch.no_grad(), ctx:  # under autocast: keys and values in its dtype
         model.setup_cache(B, P + decode_tokens)
         model(tokens[:, :P])
     rewind = decode_rewind(model)
+    runs = None  # level -> steps in which it ran its inner blocks, in the first call
 
     @torch.no_grad()
     def decode():
+        nonlocal runs
         rewind()
+        hooks = []
+        if runs is None:
+            runs = {level: 0 for level in model.levels()}
+            hooks = [level.inner.register_forward_hook(lambda stack, args, out, level=level: runs.update(
+                {level: runs[level] + 1})) for level in runs]
         with ctx:
             for j in range(decode_tokens):
                 model(tokens[:, P + j:P + j + 1])  # (B, 1): the next token of every row
+        for hook in hooks:
+            hook.remove()
 
     def result(n_calls):
         stats = model.level_stats()  # the timed calls' decoded tokens
         # blocks a decoded token runs on average: the outer ones, plus each level's own blocks times the tokens it took
         inner = sum(own_blocks(level.inner) * n_kept for level, (_, _, n_kept) in zip(model.levels(), stats))
         blocks = own_blocks(model.stack) + inner / (B * decode_tokens * n_calls)
+        # blocks a step runs for at least one row: the weights it reads (a step at a small batch is bound by them)
+        step_blocks = own_blocks(model.stack) + sum(own_blocks(level.inner) * runs[level]
+                                                    for level in model.levels()) / decode_tokens
         # FLOPs per decoded token: the cost model's marginal cost of tokens P+1..P+N (weights + attention over cache)
         keep = keep_fractions(stats)
         flops = (forward_flops(model, P + decode_tokens, keep) - forward_flops(model, P, keep)) / decode_tokens
         model.setup_cache(None, None)
-        return decode_tokens, B, B * flops, keep, blocks
+        return dict(steps=decode_tokens, tokens=B, flops=B * flops, keep=keep, blocks_per_token=blocks,
+                    blocks_per_step=step_blocks)
     return decode, result
 
 
@@ -397,7 +411,8 @@ def measure_pair(mode, tokens, B, T):
     records = {name: dict(mode=mode, model=name, seq_len=T, batch_size=B, tokens_per_s=None, ms_per_iter=None,
                           ms_samples=None, peak_mem_bytes=None,
                           mem_kind='cuda_max_allocated' if gpu else 'cpu_peak_rss_delta', mfu=None, flops=None,
-                          keep_fractions=None, blocks_per_token=None, oom=False) for name in models}
+                          keep_fractions=None, blocks_per_token=None, blocks_per_step=None, oom=False)
+               for name in models}
     calls, peaks, times = {}, {}, {name: [] for name in models}
     offsets = [level.score_offset.clone() for level in models['subllm'].levels()]
     try:
@@ -425,12 +440,13 @@ def measure_pair(mode, tokens, B, T):
                     times[name].append(time.perf_counter() - t0)
         for name, record in records.items():
             if not record['oom']:
-                steps, n_tokens, flops, keep, blocks = calls[name][1](len(times[name]))
-                dt = statistics.median(times[name]) / steps
-                record.update(tokens_per_s=n_tokens / dt, ms_per_iter=1000 * dt,
-                              ms_samples=[1000 * t / steps for t in times[name]], peak_mem_bytes=peaks[name],
-                              mfu=peak_flops and flops / dt / peak_flops, flops=flops, keep_fractions=keep,
-                              blocks_per_token=blocks)
+                out = calls[name][1](len(times[name]))
+                dt = statistics.median(times[name]) / out['steps']
+                record.update(tokens_per_s=out['tokens'] / dt, ms_per_iter=1000 * dt,
+                              ms_samples=[1000 * t / out['steps'] for t in times[name]], peak_mem_bytes=peaks[name],
+                              mfu=peak_flops and out['flops'] / dt / peak_flops, flops=out['flops'],
+                              keep_fractions=out['keep'], blocks_per_token=out.get('blocks_per_token'),
+                              blocks_per_step=out.get('blocks_per_step'))
     finally:
         if mode == 'train':  # training moves the offsets (Level.track_cut): prefill and decode measure the others
             for level, offset in zip(models['subllm'].levels(), offsets):
@@ -475,8 +491,9 @@ for mode, T, B in jobs:
         r.update(ratio=r['tokens_per_s'] / base['tokens_per_s'] if ok else None,
                  flop_ratio=base['flops'] / r['flops'] if ok else None,
                  mem_ratio=r['peak_mem_bytes'] / base['peak_mem_bytes'] if ok and base['peak_mem_bytes'] else None,
-                 blocks_ratio=base['blocks_per_token'] / r['blocks_per_token'] if ok and mode == 'decode' else None)
-        # the speedup over its limit: the FLOP ratio, or for decode the blocks ratio (a step is weight-bound)
+                 blocks_ratio=base['blocks_per_token'] / r['blocks_per_token'] if ok and mode == 'decode' else None,
+                 step_blocks_ratio=base['blocks_per_step'] / r['blocks_per_step'] if ok and mode == 'decode' else None)
+        # the speedup over its limit: the FLOP ratio, or for decode the blocks ratio
         limit = r['blocks_ratio'] if mode == 'decode' else r['flop_ratio']
         r['limit_share'] = r['ratio'] / limit if ok and label == 'SUBLLM' else None
     records += pair.values()
@@ -497,17 +514,17 @@ def fmt(value, spec, missing='-'):
 
 depths = sorted({level.depth for level in models['subllm'].levels()})
 targets = ', '.join(f"{config.keep_ratio_at(d):g}" for d in depths)  # the keep ratio per level depth
-print(f"\n| mode | seq_len | batch | LLaMA tok/s | {label} tok/s | speedup | FLOP ratio | blocks/token (ratio) | "
-      f"of limit | ms/iter LLaMA / {label} | mem {mem_label} LLaMA / {label} | MFU LLaMA / {label} | "
-      f"{label} keep ({'trained' if init_from else 'target ' + targets}) |")
+print(f"\n| mode | seq_len | batch | LLaMA tok/s | {label} tok/s | speedup | FLOP ratio | "
+      f"blocks/token, /step (ratio) | of limit | ms/iter LLaMA / {label} | mem {mem_label} LLaMA / {label} | "
+      f"MFU LLaMA / {label} | {label} keep ({'trained' if init_from else 'target ' + targets}) |")
 print('|' + '---|' * 13)
 for llama, sub in zip(records[::2], records[1::2]):
     oom = [r['oom'] and 'OOM' or '-' for r in (llama, sub)]
     tps = [fmt(r['tokens_per_s'], ',.0f', o) for r, o in zip((llama, sub), oom)]
     mem = [fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / scale, '.2f', o) for r, o in zip((llama, sub), oom)]
     keep = ', '.join(f"{k:.2f}" for k in sub['keep_fractions']) if sub['keep_fractions'] else '-'
-    blocks = f"{sub['blocks_per_token']:.1f} of {llama['blocks_per_token']:.0f} ({sub['blocks_ratio']:.2f}x)" \
-        if sub['blocks_ratio'] else '-'
+    blocks = f"{sub['blocks_per_token']:.1f}, {sub['blocks_per_step']:.1f} of {llama['blocks_per_token']:.0f} " \
+        f"({sub['blocks_ratio']:.2f}x, {sub['step_blocks_ratio']:.2f}x)" if sub['blocks_ratio'] else '-'
     print(f"| {sub['mode']} | {sub['seq_len']} | {sub['batch_size']} | {tps[0]} | {tps[1]} | "
           f"{fmt(sub['ratio'], '.2f')}x | {fmt(sub['flop_ratio'], '.2f')}x | {blocks} | "
           f"{fmt(sub['limit_share'], '.0%')} | "
@@ -517,11 +534,13 @@ print("\nspeedup = SUBLLM tokens/s over LLaMA's. FLOP ratio = LLaMA FLOPs over S
       "fractions used: train = what training runs (top-k: the config's; threshold: its capacity, padding "
       "included), prefill and decode = the measured eval keep (score > 0) per level depth, a fraction of the "
       "parent's tokens (SUBLLM keep). Decode counts the weights, the logits and the "
-      "attention over the cache per token; its ms/iter is one step of one token per row, and blocks/token is the "
-      "average number of blocks a decoded token runs (ratio: LLaMA's over SUBLLM's). of limit = speedup over the "
-      "FLOP ratio (train, prefill) or the blocks ratio (decode, where a step reads every weight of the blocks it "
-      "runs). Times are the median of the timed calls, the two models' calls alternating. MFU: model FLOPs (causal "
-      "attention counted as half of full attention) over the GPU's dense bf16 peak.")
+      "attention over the cache per token; its ms/iter is one step of one token per row. blocks/token is the "
+      "average number of blocks a decoded token runs, /step the blocks a step runs for at least one of its rows "
+      "(ratios: LLaMA's over SUBLLM's): the limit where a block costs its rows' work, and where it costs its "
+      "weights' reading whatever rows it runs (small batches; the same at batch 1). of limit = speedup over the "
+      "FLOP ratio (train, prefill) or the blocks/token ratio (decode). Times are the median of the timed calls, "
+      "the two models' calls alternating. MFU: model FLOPs (causal attention counted as half of full attention) "
+      "over the GPU's dense bf16 peak.")
 if 'R' in config.structure:
     print("recurrent: speedup and FLOP ratio are of the recurrent model against its twin (each R a plain block). Its "
           "FLOPs count every window step (an R block runs each token twice, attention over 2 * rec_window "
