@@ -406,8 +406,10 @@ def attempt(record, fn):
 def measure_pair(mode, tokens, B, T):
     """Both models at one mode, length and batch. Each is set up and warmed up in turn (at least one call: its peak
     memory is measured there); then their timed calls alternate, LLaMA-SUBLLM then SUBLLM-LLaMA, so that a change in
-    the machine's speed (other processes) hits both, and a model's time per call is the median of its calls.
-    SUBLLM's random scorers are first calibrated on this measurement's own forward passes (calibrate_scorers)."""
+    the machine's speed (other processes) hits both. A model's time per call is the median of its calls; the
+    speedup, the median over the rounds of LLaMA's time over SUBLLM's in the same round (adjacent calls), which
+    a burst of load on one call of a round moves less. SUBLLM's random scorers are first calibrated on this
+    measurement's own forward passes (calibrate_scorers)."""
     records = {name: dict(mode=mode, model=name, seq_len=T, batch_size=B, tokens_per_s=None, ms_per_iter=None,
                           ms_samples=None, peak_mem_bytes=None,
                           mem_kind='cuda_max_allocated' if gpu else 'cpu_peak_rss_delta', mfu=None, flops=None,
@@ -447,6 +449,8 @@ def measure_pair(mode, tokens, B, T):
                               mfu=peak_flops and out['flops'] / dt / peak_flops, flops=out['flops'],
                               keep_fractions=out['keep'], blocks_per_token=out.get('blocks_per_token'),
                               blocks_per_step=out.get('blocks_per_step'))
+        if len(times['llama']) == len(times['subllm']) == iters:  # the rounds, as LLaMA's time over SUBLLM's
+            records['subllm']['round_ratios'] = [t / s for t, s in zip(times['llama'], times['subllm'])]
     finally:
         if mode == 'train':  # training moves the offsets (Level.track_cut): prefill and decode measure the others
             for level, offset in zip(models['subllm'].levels(), offsets):
@@ -488,7 +492,9 @@ for mode, T, B in jobs:
     base = pair['llama']
     for r in pair.values():  # relative to LLaMA: speedup, FLOP ratio (LLaMA / this), memory ratio (this / LLaMA)
         ok = not (r['oom'] or base['oom'])
-        r.update(ratio=r['tokens_per_s'] / base['tokens_per_s'] if ok else None,
+        rounds = r.get('round_ratios')  # the same tokens per call: speed ratio = time ratio
+        r.update(ratio=(statistics.median(rounds) if rounds else r['tokens_per_s'] / base['tokens_per_s']) if ok
+                 else None,
                  flop_ratio=base['flops'] / r['flops'] if ok else None,
                  mem_ratio=r['peak_mem_bytes'] / base['peak_mem_bytes'] if ok and base['peak_mem_bytes'] else None,
                  blocks_ratio=base['blocks_per_token'] / r['blocks_per_token'] if ok and mode == 'decode' else None,
@@ -530,17 +536,17 @@ for llama, sub in zip(records[::2], records[1::2]):
           f"{fmt(sub['limit_share'], '.0%')} | "
           f"{fmt(llama['ms_per_iter'], '.1f')} / {fmt(sub['ms_per_iter'], '.1f')} | {mem[0]} / {mem[1]} | "
           f"{fmt(llama['mfu'], '.1%')} / {fmt(sub['mfu'], '.1%')} | {keep} |")
-print("\nspeedup = SUBLLM tokens/s over LLaMA's. FLOP ratio = LLaMA FLOPs over SUBLLM's (SUBLLM.md §9) at the keep "
-      "fractions used: train = what training runs (top-k: the config's; threshold: its capacity, padding "
-      "included), prefill and decode = the measured eval keep (score > 0) per level depth, a fraction of the "
-      "parent's tokens (SUBLLM keep). Decode counts the weights, the logits and the "
-      "attention over the cache per token; its ms/iter is one step of one token per row. blocks/token is the "
-      "average number of blocks a decoded token runs, /step the blocks a step runs for at least one of its rows "
-      "(ratios: LLaMA's over SUBLLM's): the limit where a block costs its rows' work, and where it costs its "
-      "weights' reading whatever rows it runs (small batches; the same at batch 1). of limit = speedup over the "
-      "FLOP ratio (train, prefill) or the blocks/token ratio (decode). Times are the median of the timed calls, "
-      "the two models' calls alternating. MFU: model FLOPs (causal attention counted as half of full attention) "
-      "over the GPU's dense bf16 peak.")
+print("\nspeedup = SUBLLM's speed over LLaMA's: the median over the rounds of timed calls (one call of each model, "
+      "adjacent) of LLaMA's time over SUBLLM's; tok/s and ms/iter are each model's median. FLOP ratio = LLaMA "
+      "FLOPs over SUBLLM's (SUBLLM.md §9) at the keep fractions used: train = what training runs (top-k: the "
+      "config's; threshold: its capacity, padding included), prefill and decode = the measured eval keep "
+      "(score > 0) per level depth, a fraction of the parent's tokens (SUBLLM keep). Decode counts the weights, the "
+      "logits and the attention over the cache per token; its ms/iter is one step of one token per row. "
+      "blocks/token is the average number of blocks a decoded token runs, /step the blocks a step runs for at "
+      "least one of its rows (ratios: LLaMA's over SUBLLM's): the limit where a block costs its rows' work, and "
+      "where it costs its weights' reading whatever rows it runs (small batches; the same at batch 1). of limit = "
+      "speedup over the FLOP ratio (train, prefill) or the blocks/token ratio (decode). MFU: model FLOPs (causal "
+      "attention counted as half of full attention) over the GPU's dense bf16 peak.")
 if 'R' in config.structure:
     print("recurrent: speedup and FLOP ratio are of the recurrent model against its twin (each R a plain block). Its "
           "FLOPs count every window step (an R block runs each token twice, attention over 2 * rec_window "

@@ -496,6 +496,10 @@ class Level(nn.Module):
 
     def run_inner(self, x, pos, rope, idx, weights, kept, counts, rows):
         """The level's tokens idx (B, k) through the inner blocks, scattered back and mixed by the bypass."""
+        if counts is not None and min(counts) == x.size(1):  # every token enters (decoding): idx is 0, 1, ..., so
+            y = self.inner(x, pos, rope, kept, counts, rows)  # no gather, and upsample without its scatter
+            w = weights[..., None].to(y.dtype)
+            return self.bypass(x, w * y + (1 - w) * x)
         x_short = gather_tokens(x, idx)                                # (B, k, C)
         pos_short = gather_tokens(pos.expand(x.size(0), -1), idx)     # (B, k): original positions, for RoPE
         y = self.inner(x_short, pos_short, rope, kept, counts, rows)  # (B, k, C)

@@ -57,12 +57,60 @@ def test_every_mode_model_and_length_gives_a_well_formed_record(monkeypatch, tmp
     assert len([line for line in table.splitlines() if line.startswith('| ')]) == 8  # one row per mode, T, batch
 
 
-def test_calibrated_random_scorers_keep_the_keep_ratio_in_eval(monkeypatch, tmp_path):
-    """A random-init scorer keeps ~half the tokens with `score > 0`; bench.py shifts the scores to keep keep_ratio."""
-    out = bench(monkeypatch, tmp_path, '--seq_lens=64', '--modes=prefill', '--keep_ratio=0.5,0.8',
-                '--tokens_per_batch=2048')
-    (sub,) = [r for r in out['records'] if r['model'] == 'subllm']
-    assert sub['keep_fractions'] == pytest.approx([0.5, 0.8], abs=0.08)
+def test_calibrated_random_scorers_keep_the_keep_ratio_at_every_level_in_prefill_and_decoding(monkeypatch, tmp_path):
+    """A random-init scorer keeps ~half the tokens with `score > 0`, and its scores shift from one sequence to the
+    next; bench.py sets each level's offset on the measurement's own tokens, so that every level keeps keep_ratio
+    of the tokens that reach it (to within a token of the 32 decoded at batch 1) in prefill and in decoding."""
+    out = bench(monkeypatch, tmp_path, '--seq_lens=64', '--modes=train,prefill,decode', '--keep_ratio=0.5,0.8',
+                '--decode_batch=4', '--decode_tokens=64', '--iters=2')
+    subs = [r for r in out['records'] if r['model'] == 'subllm']
+    assert [(r['mode'], r['batch_size']) for r in subs] == [('train', 8), ('prefill', 8), ('decode', 1), ('decode', 4)]
+    for r in subs[1:]:
+        assert r['keep_fractions'] == pytest.approx([0.5, 0.8], abs=0.05), r
+    decode1 = subs[2]  # at batch 1 a step runs a level's blocks for its one row or not at all
+    assert decode1['blocks_per_step'] == pytest.approx(decode1['blocks_per_token'])
+
+
+def test_training_leaves_the_score_offsets_as_they_were(monkeypatch, tmp_path):
+    """Training mode moves score_offset towards the top-k cut (Level.track_cut); bench.py puts it back, so that a
+    checkpoint's scorers are measured as trained."""
+    monkeypatch.setattr(sys, 'argv', ['bench.py', *TINY, '--seq_lens=32', '--modes=train', '--iters=2'])
+    g = runpy.run_path(BENCH, run_name='__main__')
+    assert all(level.score_offset.item() == 0.0 for level in g['models']['subllm'].levels())
+
+
+def test_decode_calls_rewind_to_the_prompt_and_equal_the_full_forward(monkeypatch, tmp_path):
+    """Each timed decode call rewinds the caches to the prefilled prompt: every call gives the logits of the full
+    eval forward, at batch 1 and at a batch whose rows enter the levels at different steps."""
+    monkeypatch.setattr(sys, 'argv', ['bench.py', *TINY, '--seq_lens=32', '--modes=decode', '--decode_tokens=12'])
+    g = runpy.run_path(BENCH, run_name='__main__')
+    for name, model in g['models'].items():
+        for B in (1, 3):
+            tokens = torch.randint(256, (B, 16 + 12), generator=torch.Generator().manual_seed(B))
+            logits = []
+            hook = model.lm_head.register_forward_hook(lambda m, args, out: logits.append(out[:, -1]))
+            call, result = g['run_decode'](name, tokens, B, 32)
+            logits.clear()  # the prompt's
+            call()
+            call()
+            hook.remove()
+            result(2)
+            with torch.no_grad():
+                full = torch.stack([model(tokens[:, :16 + j + 1])[0][:, -1] for j in range(12)])
+            assert torch.allclose(torch.stack(logits[:12]), full, atol=1e-5), (name, B)
+            assert torch.allclose(torch.stack(logits[12:]), full, atol=1e-5), (name, B)
+
+
+def test_mid_preset_is_the_32m_model_of_issue_20(monkeypatch, tmp_path):
+    path = tmp_path / 'mid.json'
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--device=cpu', '--preset=mid', '--modes=prefill', '--seq_lens=8',
+                                      '--tokens_per_batch=8', '--warmup=0', '--iters=1', f'--json={path}'])
+    runpy.run_path(BENCH, run_name='__main__')
+    out = json.loads(path.read_text())
+    c = out['config']
+    assert (c['n_embd'], c['n_head'], c['ffn_hidden'], c['vocab_size'], c['structure']) == \
+        (512, 8, 1408, 512, 'TT(TT(TT)TT)TT')
+    assert round(out['n_params']['subllm'] / 1e6, 1) == 32.6
 
 
 def test_out_of_memory_at_one_length_is_a_row_not_a_crash(monkeypatch, tmp_path, capsys):
