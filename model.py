@@ -146,12 +146,13 @@ class KVCache(nn.Module):
         self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, rows, slots, k, v, length):
-        """Write k, v (b, Hkv, K, D) of cache rows `rows` (b,) at their slots (b, K); return every row's first
-        `length` slots (B, Hkv, length, D), a view: the b rows' whole cache, and rows the caller leaves out. (Copying
-        out the b rows cost more than attending over all B: 2 ms a step at batch 4 on a CPU, 10% of it.)"""
+        """Write k, v (b, Hkv, K, D) of cache rows `rows` (b,) at their slots (b, K); return those rows' first
+        `length` slots (b, Hkv, length, D): everything they cached."""
         index = (rows[:, None, None], torch.arange(k.size(1), device=k.device)[None, :, None], slots[:, None, :])
         self.k[index], self.v[index] = k.to(self.k.dtype), v.to(self.v.dtype)
-        return self.k[:, :, :length].to(k.dtype), self.v[:, :, :length].to(v.dtype)
+        if rows.size(0) == self.k.size(0):  # every row (they come in order): a view, no copy
+            return self.k[:, :, :length].to(k.dtype), self.v[:, :, :length].to(v.dtype)
+        return self.k[rows, :, :length].to(k.dtype), self.v[rows, :, :length].to(v.dtype)
 
 
 class Attention(nn.Module):
@@ -179,17 +180,13 @@ class Attention(nn.Module):
         mask, is_causal = None, True
         if cache_ctx is not None:
             rows, slots, length, mask = cache_ctx
-            k, v = self.kv_cache.update(rows, slots, k, v, length)  # (all cache rows, Hkv, length, D)
+            k, v = self.kv_cache.update(rows, slots, k, v, length)  # (B, Hkv, length, D): all these rows cached
             is_causal = mask is None  # first chunk into an empty cache is plain causal attention
-            if B < k.size(0):  # only some rows' tokens entered this level: the other rows get zero queries
-                q = q.new_zeros(k.size(0), *q.shape[1:]).index_copy(0, rows, q)
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each K/V head among n_head/n_kv_head queries
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        if y.size(0) > B:  # and their outputs are dropped
-            y = y.index_select(0, rows)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, C)
         return F.linear(y, wo)
 
@@ -400,21 +397,17 @@ class Stack(nn.Module):
 
     def cache_context(self, K, counts, rows, device):
         """For K new tokens in each of these cache rows: the rows, each token's slot after what its row cached, the
-        length to attend over and the mask of every cache row (a key slot is visible to a query at or after it;
-        None: causal). Attention runs over every cache row (KVCache.update): a row not in `rows` gets the mask of
-        its own next K slots, so that no query of it sees nothing (its output is dropped)."""
+        length to attend over and the mask (a key slot is visible to a query at or after it; None: causal)."""
         lens = [self.cache_lens[r] for r in rows]
-        rows_lens = torch.tensor(rows + self.cache_lens, device=device)  # one host-to-device copy per stack and step
-        every_slot = rows_lens[len(rows):, None] + torch.arange(K, device=device)  # (cache rows, K): the next slots
-        every_row = len(rows) == len(self.cache_lens)  # then they come in order
-        slots = every_slot if every_row else every_slot[rows_lens[:len(rows)]]  # (b, K); padding writes past the end
+        rows_lens = torch.tensor([rows, lens], device=device)  # one host-to-device copy per stack and step
+        slots = rows_lens[1][:, None] + torch.arange(K, device=device)  # (B, K); padding writes past the end, unused
         length = max(lens) + K
         mask = None
         if max(lens) > 0:
-            mask = torch.arange(length, device=device)[None, None, None, :] <= every_slot[:, None, :, None]
+            mask = torch.arange(length, device=device)[None, None, None, :] <= slots[:, None, :, None]
         for r, c in zip(rows, counts):
             self.cache_lens[r] += c
-        return rows_lens[:len(rows)], slots, length, mask
+        return rows_lens[0], slots, length, mask
 
 
 class Level(nn.Module):
