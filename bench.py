@@ -12,7 +12,7 @@ tokens whose score was > 0, per level), and for decode the ratio of blocks run p
 shows the overhead of scoring, sorting, gathering and scattering.
 
     python bench.py                              # GPU: the 0.25B paper config at 2k,4k,8k; CPU: a tiny one, < 1 min
-    python bench.py --preset=mid                 # 32.6M params, T=1024, decode at batch 1 and 4: < 2 min on a CPU
+    python bench.py --preset=mid                 # 32.6M params, T=1024, decode at batch 1 and 4: ~2 min on a CPU
     python bench.py --preset=1300m --json=bench_1300m.json
     python bench.py --init_from=out-subllm-250m  # dims and trained scorers of a train.py checkpoint
     python bench.py --structure=R --seq_lens=256,512,1024,2048,4096   # a recurrent block against one plain block
@@ -46,7 +46,7 @@ PRESETS = {  # the paper's two sizes, and a tiny and a mid-sized one for a CPU (
     'tiny': dict(n_embd=128, n_head=4, ffn_hidden=512, vocab_size=512, structure='TT(TT(TT)TT)TT',
                  seq_lens='256,512', tokens_per_batch=1024),
     'mid': dict(n_embd=512, n_head=8, ffn_hidden=1408, vocab_size=512, structure='TT(TT(TT)TT)TT',  # 32.6M
-                seq_lens='1024', tokens_per_batch=2048, decode_batch=4, decode_tokens=64, iters=4),
+                seq_lens='1024', tokens_per_batch=2048, decode_batch=4, decode_tokens=64, iters=5),
     '250m': dict(n_embd=768, n_head=12, ffn_hidden=2048, vocab_size=50304, structure=PAPER,
                  seq_lens='2048,4096,8192', tokens_per_batch=16384),
     '1300m': dict(n_embd=2048, n_head=16, ffn_hidden=5504, vocab_size=32000, structure=PAPER,
