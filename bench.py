@@ -166,7 +166,7 @@ def calibrate_scorers(model, run, start=0):
     0.25 to 0.72 of one sequence's tokens at level 2 (mid preset). So each level's score_offset is set to the
     (1 - keep_ratio) quantile of its raw scores in run(), counting the real tokens (not padding) at positions >=
     start (decode: the decoded tokens, not the prompt). Depth by depth: which tokens reach a level depends on the
-    offsets of the levels around it, and the scores of the tokens that reach it are the same in run() and in the
+    offsets of the levels it sits in, and the scores of the tokens that reach it are the same in run() and in the
     measurement after it."""
     model.eval()
     levels = model.levels()
@@ -185,7 +185,7 @@ def calibrate_scorers(model, run, start=0):
             for hook in hooks:
                 hook.remove()
         for level, scores in seen.items():
-            scores = torch.cat(scores)
+            scores = torch.cat(scores) if scores else torch.zeros(0)
             if scores.numel():  # no token reached the level: its offset stays
                 level.score_offset.fill_(torch.quantile(scores, 1 - level.keep_ratio))
 
@@ -454,7 +454,7 @@ def measure_pair(mode, tokens, B, T):
         if len(times['llama']) == len(times['subllm']) == iters:  # the rounds, as LLaMA's time over SUBLLM's
             records['subllm']['round_ratios'] = [t / s for t, s in zip(times['llama'], times['subllm'])]
     finally:
-        if mode == 'train':  # training moves the offsets (Level.track_cut): prefill and decode measure the others
+        if mode == 'train':  # training moved the offsets (Level.track_cut): back to the trained or calibrated ones
             for level, offset in zip(models['subllm'].levels(), offsets):
                 level.score_offset.copy_(offset)
     calls.clear()  # optimizer states, caches
