@@ -95,7 +95,10 @@ def plot(runs, png):
     by_tokens.set_xlabel('tokens (M)')
     by_flops.set_xlabel('training FLOPs (TFLOP, as flops.forward_flops counts them)')
     by_time.set_xlabel('wall time (min)')
+    losses = [r['val_loss'] for recs in runs.values() for r in recs]
+    top = max(recs[min(2, len(recs) - 1)]['val_loss'] for recs in runs.values())  # zoom past the first evals
     for ax in (by_tokens, by_flops, by_time):
+        ax.set_ylim(min(losses) - 0.02, max(top, min(losses) + 0.1))
         ax.set_ylabel('val loss')
         ax.grid(alpha=0.3)
         ax.legend()
