@@ -32,7 +32,7 @@ class SubLLMConfig:
     capacity_slack: float = 0.25    # threshold: a level has room for keep * T * (1 + slack) tokens (static shapes)
     # Three choices of ours that the paper does not make (README, deviations), switchable for the quality ablations
     scorer_norm: bool = True        # the scorer reads rms_norm(x); False: the raw residual stream x (the paper)
-    balancer: str = 'strong'        # 'strong': count gain 10, task gradient's common mode removed; 'spec': gain 0.04
+    balancer: str = 'spec'          # 'spec': Zipformer's gain 0.04 (docs/quality.md); 'strong': gain 10, no common mode
     running_cut: bool = True        # subtract a running average of the top-k cut from the scores (Level.track_cut)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -248,10 +248,10 @@ def est_fractions(block):
 class Balancer(torch.autograd.Function):
     """Identity forward. Backward corrects the score gradient so that in training (a) the fraction of positive scores
     tracks keep_ratio and (b) the mean |score| stays in [1, 4] (SUBLLM.md §7), so that eval-time `score > 0` keeps
-    about as many tokens as train-time top-k. Applied with probability `prob` (set_step's schedule). Ours is
-    stronger than the spec's gain of 0.04 (README, deviations): the task gradient reaches only the scores near the
-    cut and pulls them below 0, so we remove its common mode (the task decides *which* tokens go in, the Balancer
-    *how many*) and push the count with COUNT_GAIN. balancer='spec' gives the spec's, for docs/quality.md."""
+    about as many tokens as train-time top-k. Applied with probability `prob` (set_step's schedule). The default is
+    the spec's (Zipformer's gain 0.04, balancer='spec'): in docs/quality.md it trains better than our stronger one
+    (balancer='strong': the task gradient's common mode removed, the count pushed with COUNT_GAIN), whose weak size
+    push let |score| sink below 1, so that soft weights under 1 damped what the inner blocks add."""
     COUNT_GAIN = 10.0  # push per unit of error in the positive fraction (0.05 off -> half the mean |gradient|)
     SIZE_GAIN = 0.04  # the spec's gain, for keeping mean |score| in [1, 4]
 
