@@ -32,7 +32,7 @@ class SubLLMConfig:
     capacity_slack: float = 0.25    # threshold: a level has room for keep * T * (1 + slack) tokens (static shapes)
     # Three choices of ours that the paper does not make (README, deviations), switchable for the quality ablations
     scorer_norm: bool = True        # the scorer reads rms_norm(x); False: the raw residual stream x (the paper)
-    balancer: str = 'spec'          # 'spec': Zipformer's gain 0.04 (docs/quality.md); 'strong': gain 10, no common mode
+    balancer: str = 'spec'          # 'spec': Zipformer's, gain 0.04; 'strong': gain 10, common mode removed
     running_cut: bool = True        # subtract a running average of the top-k cut from the scores (Level.track_cut)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
