@@ -3,8 +3,9 @@
 #   python train.py config/tiny_cpu.py
 # Measured on a fresh clone, one thread, on a 2-core VM whose cores were both busy with two other training runs:
 # 114 s of training (evals excluded), ~0.38 s/iter, and 2m18s for the README's whole quickstart line; the val loss
-# falls 5.54 (uniform over 256 bytes) -> 2.42 (iter 100) -> 2.17 (200) -> 2.06 (300), and in eval mode level 1
-# keeps 0.63 of the tokens and level 2 0.67 of level 1's (keep_ratio 0.64).
+# falls 5.54 (uniform over 256 bytes) -> 2.40 (iter 100) -> 2.14 (200) -> 2.02 (300), and in eval mode level 1
+# keeps 0.53 of the tokens and level 2 0.70 of level 1's (keep_ratio 0.64; the spec's Balancer, the default since
+# docs/quality.md, lets them drift; with --balancer=strong: 2.42 -> 2.17 -> 2.06, 0.63 / 0.67).
 # The LLaMA baseline, same blocks without levels: add --structure=TTTTTTTTTT --out_dir=out-tiny-llama
 # (measured the same way: 2m51s, 121 s of CPU; val loss 2.41 -> 2.11 -> 1.98).
 out_dir = 'out-tiny'
