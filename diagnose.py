@@ -12,7 +12,7 @@ add: a kept token's output is x + c * w * (y - x)), the bypass gate c, and the s
 row's top-k cut (the score between its ceil(keep * n) largest and the rest): with one global threshold at eval, rows
 whose cuts spread keep keep_ratio only on average.
 """
-import json
+import json as json_lib
 import math
 import os
 
@@ -27,7 +27,7 @@ out_dir = 'out'         # reads out_dir/ckpt.pt
 data_dir = 'data'       # the val split of the checkpoint's dataset: data_dir/<dataset>/val.bin (or its val shard)
 rows = 16               # val crops of block_size tokens, fed one at a time
 seed = 1337             # picks the crops
-json_path = ''          # also write the table as JSON here
+json = ''               # also write the table as JSON to this path
 # -----------------------------------------------------------------------------
 configure(globals())
 
@@ -41,12 +41,11 @@ if not levels:
 train_config = checkpoint['config']
 folder = os.path.join(data_dir, train_config['dataset'])
 meta = checkpoint.get('meta') or {}
-val_files = [os.path.join(folder, f) for f in meta.get('val', ['val.bin'])] if isinstance(meta.get('val'), list) \
-    else [os.path.join(folder, 'val.bin')]
-if not os.path.exists(val_files[0]):
-    raise SystemExit(f"no {val_files[0]}: run the prepare.py command of this checkpoint's dataset first")
-data = np.memmap(val_files[0], dtype=np.uint16 if meta.get('vocab_size', 256) < 65536 else np.uint32, mode='r')
-T = model.config.block_size if train_config.get('block_size') is None else train_config['block_size']
+val_file = os.path.join(folder, meta['val_shards'][0]['file'] if 'val_shards' in meta else 'val.bin')
+if not os.path.exists(val_file):
+    raise SystemExit(f"no {val_file}: run the prepare.py command of this checkpoint's dataset first")
+data = np.memmap(val_file, dtype=meta.get('dtype', 'uint16'), mode='r')
+T = train_config.get('block_size', model.config.block_size)  # the training crops' length
 starts = torch.randint(len(data) - T, (rows,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 records = {id(level): [] for level in levels}  # per level: (scores (T_level,)) per row
@@ -90,6 +89,6 @@ for r in table:
     print(f"{r['depth']:>5} {r['keep_ratio']:>5.2f} {r['kept']:>6.3f} {r['mean_abs_score']:>8.2f} "
           f"{r['mean_weight_kept']:>7.2f} {r['kept_at_weight_1']:>6.2f} {r['bypass_c']:>6.2f} "
           f"{r['row_cut_mean']:>9.3f} {r['row_cut_std']:>8.3f}")
-if json_path:
-    with open(json_path, 'w') as f:
-        json.dump({'checkpoint': ckpt_path, 'iter': checkpoint.get('iter_num'), 'levels': table}, f, indent=1)
+if json:
+    with open(json, 'w') as f:
+        json_lib.dump({'checkpoint': ckpt_path, 'iter': checkpoint.get('iter_num'), 'levels': table}, f, indent=1)
