@@ -10,7 +10,7 @@ train.py calls it in the order a run happens (the torchtitan way: the training l
 
     run = RunDir(out_dir)
     refusal = run.claim(resume, overwrite)  # the lock; a new run in another run's out_dir is refused
-    checkpoint, path = run.load(keys)      # --init_from=resume: ckpt.pt, or ckpt_prev.pt when ckpt.pt is damaged
+    checkpoint, path = run.load(keys, config)  # --init_from=resume: ckpt.pt, or ckpt_prev.pt when ckpt.pt is damaged
     problem = run.start_log(iter_num)      # a resumed run keeps its log up to its checkpoint; a new run starts afresh
     problem = run.log(record)              # at each eval, and then
     problem = run.save(checkpoint)
@@ -241,11 +241,16 @@ class RunDir:
 
     # checkpoints
 
-    def load(self, keys, say=print):
-        """ckpt.pt to resume from (ckpt_prev.pt when ckpt.pt is damaged): (checkpoint, path)."""
+    def load(self, keys, config, say=print):
+        """ckpt.pt to resume from (ckpt_prev.pt when ckpt.pt is damaged): (checkpoint, path). The settings of this
+        run (config) that differ from the checkpoint's are said."""
         checkpoint, path = load_checkpoint(self.out_dir, keys, say=say,
                                            missing=f"init_from=resume, but there is no checkpoint at {self.ckpt_path}")
         self.keep_prev = path == self.ckpt_path  # resumed past a damaged ckpt.pt: the next save replaces it
+        changed = [f"{k}={config[k]!r} (was {v!r})" for k, v in checkpoint['config'].items()
+                   if k not in ('init_from', 'overwrite') and config.get(k) != v]
+        if changed:
+            say(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
         return checkpoint, path
 
     def save(self, checkpoint):

@@ -11,29 +11,25 @@ or many GPUs (DDP).
 
 Every global in the first section is a setting. A config file (python that assigns some of them) overrides the
 defaults, then --key=value flags override both; `python train.py --help` lists them all.
-Each eval appends a JSON record to out_dir/log.jsonl (losses, tokens, time, FLOPs, and per level what it kept: the
-fields are in run_dir.py). out_dir/ckpt.pt holds everything to resume or to sample, and ckpt_prev.pt the checkpoint
-before it: a resume from a damaged ckpt.pt falls back to it. out_dir/train.lock (the pid of the run) keeps a second
-run out of a live run's out_dir, and a new run does not start in an out_dir that holds another run's checkpoint
-unless --overwrite=True (run_dir.py keeps the out_dir).
+out_dir gets log.jsonl (a JSON record per eval: losses, tokens, time, FLOPs, and per level what it kept), ckpt.pt
+(everything to resume or to sample) and ckpt_prev.pt (the one before it, for a damaged ckpt.pt); one run at a
+time, and a new run does not start over another run's checkpoint unless --overwrite=True (run_dir.py has the rest).
 """
 import gc
 import math
 import os
 import random
 import time
-import warnings
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import check_ranges, configure, first_line, resolve_device, settings_of
 from dataset import open_dataset
-from est import est_stage, set_subnetwork, subnetwork_at
+from distributed import Ranks
+from est import est_plan, est_stage, set_subnetwork, subnetwork_at
 from flops import estimate_mfu, forward_flops
 from grow import grow_checkpoint
 from model import SubLLMConfig, SubLLM
@@ -101,10 +97,8 @@ dtype = 'auto'                  # 'auto' (bfloat16 if the GPU has it, else float
 compile = True                  # torch.compile on CUDA; on CPU only when given explicitly (it takes minutes there)
 seed = 1337                     # initial weights, training batches, dropout
 eval_seed = 1337                # the eval batches: kept apart from seed, so that runs of any seed are scored alike
-# Evolving Subnetwork Training (EST, arXiv 2406.06962; README): each step trains a random sub-network, in 3 stages.
-# Stage 1, iters [0, est_stage1_end * max_iters): some blocks run, each with some of its heads and SwiGLU units.
-# Stage 2, until est_stage2_end * max_iters: every block runs, still with some of its heads and units.
-# Stage 3, until the end: the full model. The learning rate schedule runs on unchanged across the stages.
+# Evolving Subnetwork Training (EST, arXiv 2406.06962; est.py): each step trains a random sub-network, in 3 stages
+# (some blocks, heads and units; all blocks, some heads and units; the full model), on the same lr schedule
 est = False
 est_stage1_end = 0.25           # fractions of max_iters
 est_stage2_end = 0.65
@@ -147,25 +141,13 @@ if est and not all(0 < p <= 1 for p in (est_p_heads, est_p_units, est_p_layers))
 
 # device, precision and DDP (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)
 device, device_type, dtype = resolve_device(device, dtype)  # 'auto' resolved, and checked against this machine
-ddp = int(os.environ.get('RANK', -1)) != -1
-if ddp:
-    ddp_rank, ddp_local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-    ddp_world_size = int(os.environ['WORLD_SIZE'])
-    if gradient_accumulation_steps % ddp_world_size != 0:
-        raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} counts micro-steps over all "
-                         f"processes, so it must be divisible by the number of processes ({ddp_world_size})")
-    gradient_accumulation_steps //= ddp_world_size
-    if device_type == 'cuda' and ddp_local_rank >= torch.cuda.device_count():
-        raise SystemExit(f"local rank {ddp_local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
-                         f"start at most that many processes per node (--nproc_per_node)")
-    if device_type == 'cuda':
-        device = f'cuda:{ddp_local_rank}'
-        torch.cuda.set_device(device)
-    # the process group is made just before DDP wraps the model: an error in the settings, data or checkpoint
-    # before it ends every rank on its own, as in a single process
-else:
-    ddp_rank, ddp_world_size = 0, 1
-master_process = ddp_rank == 0  # only rank 0 logs, evaluates and saves
+ranks = Ranks(device, device_type)  # this process among torchrun's (distributed.py)
+ddp, ddp_rank, ddp_world_size, master_process = ranks.ddp, ranks.rank, ranks.world_size, ranks.master
+device = ranks.device  # under DDP on GPUs: this rank's, cuda:LOCAL_RANK
+if gradient_accumulation_steps % ddp_world_size != 0:
+    raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} counts micro-steps over all "
+                     f"processes, so it must be divisible by the number of processes ({ddp_world_size})")
+gradient_accumulation_steps //= ddp_world_size  # per process
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 
 torch.manual_seed(seed + ddp_rank)  # per-rank seeds; DDP copies rank 0's initial weights to every rank
@@ -209,23 +191,14 @@ iter_num, best_val_loss, train_seconds = 0, float('inf'), 0.0
 checkpoint = None
 if init_from == 'resume':
     checkpoint, path = run.load(('model', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'config',
-                                 'rng', 'train_seconds'), say=say)
+                                 'rng', 'train_seconds'), config, say=say)
     model = model_from(checkpoint, path)  # the model's shape comes from the checkpoint, everything else from this run
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     train_seconds = checkpoint['train_seconds']
-    changed = [f"{k}={config[k]!r} (was {v!r})" for k, v in checkpoint['config'].items()
-               if k not in ('init_from', 'overwrite') and config.get(k) != v]
-    if changed:
-        say(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
 else:
-    model_args = dict(vocab_size=64 * math.ceil(meta['vocab_size'] / 64),  # a multiple of 64 is faster (50257 -> 50304)
-                      block_size=block_size, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head or None,
-                      ffn_hidden=ffn_hidden or None, structure=structure, keep_ratio=keep_ratio, selection=selection,
-                      capacity_slack=capacity_slack, scorer_norm=scorer_norm, balancer=balancer,
-                      running_cut=running_cut, rope_theta=rope_theta,
-                      norm_eps=norm_eps, tie_embeddings=tie_embeddings, dropout=dropout,
-                      bypass_schedule_steps=bypass_schedule_steps, balancer_schedule_steps=balancer_schedule_steps,
-                      rec_window=rec_window, rec_alpha=rec_alpha, rec_learn_alpha=rec_learn_alpha)
+    model_args = {f.name: config[f.name] for f in fields(SubLLMConfig) if f.name in config}  # the settings named so
+    model_args.update(vocab_size=64 * math.ceil(meta['vocab_size'] / 64),  # a multiple of 64 is faster (50257 -> 50304)
+                      n_kv_head=n_kv_head or None, ffn_hidden=ffn_hidden or None)
     if init_from == 'grow':
         model_args, grown_weights = grow_checkpoint(grow_from, grow_method, grow_k, grow_init, grow_m, say=say)
     try:
@@ -248,15 +221,7 @@ use_compile = compile and (device_type == 'cuda' or 'compile' in user_keys)
 if master_process:
     print(f"device {device}, dtype {dtype}, compile {use_compile}, {ddp_world_size} process(es)")
     print(f"{model.get_num_params() / 1e6:.2f}M parameters, vocab {vocab_size} ({meta['tokenizer']} tokens)")
-    if levels:
-        print(f"SUBLLM, structure {model.config.structure}, keep ratio per level (depth): "
-              + ', '.join(f"{lv.keep_ratio:g} (d{lv.depth})" for lv in levels))
-    elif 'R' in model.config.structure:
-        c = model.config
-        print(f"recurrent, structure {c.structure}, window {c.rec_window}, alpha {c.rec_alpha:g}"
-              + (" (learned)" if c.rec_learn_alpha else " (forget)" if c.rec_alpha == 0 else ""))
-    else:
-        print(f"LLaMA baseline, structure {model.config.structure} (no subsampled levels)")
+    print(model.describe())
     print(f"tokens per iteration: {tokens_per_iter:,} = {ddp_world_size} process(es) x {gradient_accumulation_steps} "
           f"accumulation x {batch_size} batch x {block_size} block")
 
@@ -294,66 +259,46 @@ if est and 'R' in raw_model.config.structure:
 # out_dir is refused, and so is a new run in an out_dir that holds another run's checkpoint or log, unless
 # --overwrite=True (run_dir.py). Under DDP the other ranks learn of a refusal below.
 refusal = run.claim(init_from == 'resume', overwrite) if master_process and not eval_only else None  # see leave_if
-if ddp:
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-    # torch 2.13 deprecates broadcast_buffers but asks to keep it where buffers are rank-local (score_offset is)
-    warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
-    # the buffers (RoPE tables, schedule values) are the same on every rank: no need to broadcast them each step
-    # with EST, the skipped blocks' parameters get no gradient in a step: find_unused_parameters lets DDP finish the
-    # reduction without them (it costs a walk over the autograd graph each step, so only when EST is on)
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False,
-                find_unused_parameters=est)
+model = ranks.wrap(model, find_unused_parameters=est)  # DDP under torchrun (EST: some blocks get no gradient)
 
 
 def leave(message=None):
-    """End the run on every rank at once; all ranks call it at the same point. No rank tears the process group down
-    while another can still use it (gloo aborts a rank that does: "terminate called without an active exception").
-    With a message, every rank exits 1 and rank 0 prints it (one line)."""
+    """End the run on every rank at once; all ranks call it at the same point. With a message, every rank exits 1
+    and rank 0 prints it (one line)."""
     global model
-    if ddp:
-        model = None  # free the DDP wrapper (its reducer holds gloo work) while the interpreter is whole: freed at
-        gc.collect()  # exit instead, it aborted a rank ("terminate called without an active exception") 1 run in 6
-        dist.barrier()
-        dist.destroy_process_group()
-    if message:
-        raise SystemExit(message if master_process else 1)
+    if ddp:  # free the DDP wrapper (its reducer holds gloo work) while the interpreter is whole: freed at exit
+        model = None  # instead, it aborted a rank ("terminate called without an active exception") 1 run in 6
+        gc.collect()
+    ranks.leave(message)
 
 
 def leave_if(message):
     """Rank 0's message (None: carry on) reaches every rank; with one, every rank leaves, together."""
-    if ddp:
-        flag = [message]
-        dist.broadcast_object_list(flag, src=0)
-        message = flag[0]
+    message = ranks.from_master(message)
     if message:
         leave(message)
 
 
-leave_if(refusal)  # another run holds out_dir, or it holds another run's checkpoint (take_out_dir)
+leave_if(refusal)  # another run holds out_dir, or it holds another run's checkpoint (run.claim)
 flops_per_iter_dense = 3 * forward_flops(raw_model, block_size) * (tokens_per_iter // block_size)  # bwd = 2x fwd
 flops_spent = 0.0 if checkpoint is None else checkpoint.get('flops', iter_num * flops_per_iter_dense)
-
 
 
 def stage_at(it):
     """EST's stage of iteration it: 1, 2 or 3 (the full model)."""
     return est_stage(it, max_iters, est_stage1_end, est_stage2_end)
 
-if est and master_process:
-    stage1, stage2 = math.ceil(est_stage1_end * max_iters), math.ceil(est_stage2_end * max_iters)
-    print(f"EST: stage 1 iters [0, {stage1}) with heads x{est_p_heads:g}, units x{est_p_units:g}, blocks "
-          f"x{est_p_layers:g}; stage 2 [{stage1}, {stage2}) all blocks; stage 3 [{stage2}, {max_iters}) full model")
 
+if est:
+    say(est_plan(max_iters, est_stage1_end, est_stage2_end, est_p_heads, est_p_units, est_p_layers))
 
-if checkpoint is not None:
-    if len(checkpoint['rng']) == ddp_world_size:
-        set_rng_state(checkpoint['rng'][ddp_rank], train_gen, device_type == 'cuda')
-    else:  # another number of processes: reseed, away from the seeds of any fresh start
-        train_gen.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
-        torch.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
-        if master_process:
-            print(f"the checkpoint has random states for {len(checkpoint['rng'])} processes, this run has "
-                  f"{ddp_world_size}: reseeded, so this is not an exact continuation")
+if checkpoint is not None and len(checkpoint['rng']) == ddp_world_size:
+    set_rng_state(checkpoint['rng'][ddp_rank], train_gen, device_type == 'cuda')
+elif checkpoint is not None:  # saved by another number of processes: reseed, away from the seeds of any fresh start
+    train_gen.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
+    torch.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
+    say(f"the checkpoint has random states for {len(checkpoint['rng'])} processes, this run has {ddp_world_size}: "
+        f"reseeded, so this is not an exact continuation")
 checkpoint = None  # free the memory
 
 
@@ -409,16 +354,6 @@ if est and use_compile:  # the blocks are compiled in place: keep evals eager, a
     estimate_loss = torch.compiler.set_stance('force_eager')(estimate_loss)
 
 
-def all_rng_states():
-    """Every rank's random states, for the checkpoint: every rank resumes exactly. Every rank calls it."""
-    state = rng_state(train_gen, device_type == 'cuda')
-    if not ddp:
-        return [state]
-    states = [None] * ddp_world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
 def checkpoint_now(rng_states):
     """Everything to resume the run from here, or to sample from it."""
     return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
@@ -471,7 +406,7 @@ while True:
             best_val_loss = min(best_val_loss, losses['val_loss'])
             save = stop is None and iter_num > 0 and not eval_only and (improved or always_save_checkpoint
                                                                          or iter_num == max_iters)
-        rng_states = all_rng_states()  # every rank takes part
+        rng_states = ranks.gather(rng_state(train_gen, device_type == 'cuda'))  # every rank's: each resumes exactly
         if master_process:
             stop = run.save(checkpoint_now(rng_states)) if save else stop
             t0 = t_train = time.time()
@@ -509,10 +444,7 @@ while True:
 
     if iter_num % log_interval == 0:
         lossf = loss.item() * gradient_accumulation_steps  # the last micro-step's loss; .item() waits for the GPU
-        if ddp:  # its mean over the ranks: a rank whose loss is not finite stops them all, together
-            lossf_all = torch.tensor(lossf, device=device)
-            dist.all_reduce(lossf_all)
-            lossf = lossf_all.item() / ddp_world_size
+        lossf = ranks.mean(lossf)  # over the ranks: a rank whose loss is not finite stops them all, together
         if not math.isfinite(lossf):
             leave(f"loss is {lossf} at iter {iter_num}: stopping; the last good checkpoint (if any) is kept in "
                   f"{run.ckpt_path}; try a lower --learning_rate or --grad_clip")
