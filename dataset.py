@@ -1,7 +1,7 @@
 """
 The token files that prepare.py writes, opened for train.py: meta.json, and each split's files (train.bin and
-val.bin, or the shards that meta.json lists), checked before a run spends anything on them. A problem is one line
-that says what to do (usually: run prepare.py again).
+val.bin, or the shards that meta.json lists), checked before a run spends anything on them, each file's size
+against its token count in meta.json. A problem is one line that says what to do (usually: run prepare.py again).
 """
 import json
 import os
@@ -29,6 +29,21 @@ def read_meta(data_path):
     return meta
 
 
+def check_sizes(data_path, meta, files):
+    """Every file holds the tokens that meta.json says it does (a copy cut short, a truncated shard): each file's
+    size must be its token count times the dtype's size. Files whose count meta.json does not give are skipped."""
+    itemsize = np.dtype(meta['dtype']).itemsize
+    for split, names in files.items():
+        counts = [s.get('tokens') for s in meta[f'{split}_shards']] if f'{split}_shards' in meta else \
+            [meta.get(f'{split}_tokens')]
+        for name, tokens in zip(names, counts):
+            size = os.path.getsize(os.path.join(data_path, name))
+            if isinstance(tokens, int) and size != tokens * itemsize:
+                raise SystemExit(f"{data_path}/{name} has {size:,} bytes, but meta.json says {tokens:,} "
+                                 f"{meta['dtype']} tokens ({tokens * itemsize:,} bytes): it was cut short or "
+                                 f"damaged; run the same prepare.py command again")
+
+
 def open_dataset(data_path, block_size):
     """(meta, files, first_crop): meta.json; {split: its file names}; and {split: (files + 1,) array}, where each
     file's crop starts begin in a numbering of all the split's crop starts (a file of n tokens has n - block_size):
@@ -45,6 +60,7 @@ def open_dataset(data_path, block_size):
     if not meta.get('complete', True):
         raise SystemExit(f"{data_path}/ is not complete (prepare.py was interrupted, or is still running): run the "
                          f"same prepare.py command again, and it continues where it stopped")
+    check_sizes(data_path, meta, files)
     first_crop = {}
     for split, names in files.items():
         sizes = [os.path.getsize(os.path.join(data_path, f)) // np.dtype(meta['dtype']).itemsize for f in names]

@@ -471,7 +471,9 @@ def prepare_shards(sources, source, tok, out_dir, text_column, num_proc, max_tok
         if changed:
             raise PrepareError(f"{out_dir}/ holds shards made with other settings ({', '.join(changed)}): delete "
                                f"{meta_path} to start over, or give another --name")
-        if old['complete'] and old['max_tokens'] == max_tokens:
+        intact = all((out_dir / s['file']).exists() and (out_dir / s['file']).stat().st_size == s['tokens'] * itemsize
+                     for s in old['val_shards'] + old['train_shards'])  # else: redo from the first damaged shard
+        if old['complete'] and old['max_tokens'] == max_tokens and intact:
             print(f"{out_dir}/ is already complete ({old['val_tokens'] + old['train_tokens']:,} tokens): "
                   f"nothing to do")
             return old

@@ -413,6 +413,20 @@ def test_max_tokens_stops_early_and_reruns_continue_after_the_finished_shards(tm
         prepare.prepare(**{**args, 'shard_tokens': 3000}, out_root=str(out))
 
 
+def test_the_same_command_again_rewrites_a_shard_cut_short(tmp_path, capsys):
+    """A complete set whose shard was truncated (a copy cut short): the rerun that train.py asks for redoes it."""
+    write_jsonl(tmp_path / 'in' / 'docs.jsonl', DOCS)
+    args = dict(input=str(tmp_path / 'in' / '*.jsonl'), tokenizer='byte', shard_tokens=2000, val_tokens=1000,
+                num_proc=1, out_root=str(tmp_path / 'data'))
+    full = prepare.prepare(**args)
+    _, all_tokens = load_shards(tmp_path / 'data' / 'in')
+    os.truncate(tmp_path / 'data' / 'in' / 'train_000001.bin', 1000)
+    capsys.readouterr()
+    assert prepare.prepare(**args) == full
+    assert 'nothing to do' not in capsys.readouterr().out
+    assert load_shards(tmp_path / 'data' / 'in')[1].tolist() == all_tokens.tolist()
+
+
 def test_killed_run_resumes_to_the_same_shards(tmp_path):
     """kill -9 in the middle of a parquet file and of a shard (2 processes), then the same command again."""
     docs = [f'{i} {DOCS[i % 300] or ""}' for i in range(3000)]
