@@ -22,6 +22,7 @@ class Ranks:
             if self.ddp else (0, 0, 1)
         self.master = self.rank == 0
         self.device, self.device_type = device, device_type
+        self.flags = None  # the process group of any(): gloo, on the CPU (the default one on CPUs)
         if self.ddp and device_type == 'cuda':
             if self.local_rank >= torch.cuda.device_count():
                 raise SystemExit(f"local rank {self.local_rank} has no GPU: this machine has "
@@ -40,6 +41,7 @@ class Ranks:
         if not self.ddp:
             return model
         dist.init_process_group(backend='nccl' if self.device_type == 'cuda' else 'gloo')
+        self.flags = dist.new_group(backend='gloo') if self.device_type == 'cuda' else None  # any(): no GPU sync
         # torch 2.13 deprecates broadcast_buffers but asks to keep it where buffers are rank-local (score_offset is)
         warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
         return DDP(model, device_ids=[self.local_rank] if self.device_type == 'cuda' else None,
@@ -68,6 +70,14 @@ class Ranks:
         total = torch.tensor(x, device=self.device)
         dist.all_reduce(total)
         return total.item() / self.world_size
+
+    def any(self, flag):
+        """Whether flag is true on any rank (every rank calls it, so they agree, at the same point)."""
+        if not self.ddp:
+            return bool(flag)
+        flags = torch.tensor([int(bool(flag))])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.flags)
+        return bool(flags.item())
 
     def leave(self, message=None):
         """End the run on every rank at once (all call it at the same point, after dropping the DDP wrapper). With a

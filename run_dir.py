@@ -12,6 +12,7 @@ train.py calls it in the order a run happens (the torchtitan way: the training l
     refusal = run.claim(resume, overwrite)  # the lock; a new run in another run's out_dir is refused
     checkpoint, path = run.load(keys, config)  # --init_from=resume: ckpt.pt, or ckpt_prev.pt when ckpt.pt is damaged
     problem = run.start_log(iter_num)      # a resumed run keeps its log up to its checkpoint; a new run starts afresh
+    run.catch_preemption()                 # SIGTERM, SIGUSR1: run.preempted, and the loop saves and leaves
     problem = run.log(record)              # at each eval, and then
     problem = run.save(checkpoint)
     run.release()                          # the lock (atexit does it too: on an error or Ctrl-C)
@@ -34,6 +35,7 @@ import atexit
 import json
 import os
 import random
+import signal
 import socket
 import time
 
@@ -121,18 +123,23 @@ def read_log(path, fields=(('iter', int),)):
 
 
 # -----------------------------------------------------------------------------
-# the random states in a checkpoint: restoring them makes a resumed run repeat the uninterrupted one exactly
+# each process's own state in a checkpoint (its 'rng'): restoring it makes a resumed run repeat the uninterrupted one
+# exactly, under DDP too
 
-def rng_state(batches, cuda):
+def rng_state(batches, cuda, levels=()):
     """This process's random states: torch's, CUDA's (if cuda), numpy's, Python's, and batches (the generator that
-    picks its training crops)."""
+    picks its training crops); and its levels' score offsets: a running statistic that each DDP rank keeps for
+    itself (the model's state_dict holds rank 0's)."""
     np_state = np.random.get_state()
     return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if cuda else None,
             'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),  # plain lists: loadable with weights_only
-            'python': random.getstate(), 'batches': batches.get_state()}
+            'python': random.getstate(), 'batches': batches.get_state(),
+            'score_offsets': [level.score_offset.cpu() for level in levels]}
 
 
-def set_rng_state(state, batches, cuda):
+def set_rng_state(state, batches, cuda, levels=()):
+    for level, offset in zip(levels, state.get('score_offsets', [])):  # older checkpoints have none
+        level.score_offset.copy_(offset)
     torch.set_rng_state(state['torch'])
     if state['cuda'] is not None and cuda:
         torch.cuda.set_rng_state(state['cuda'])
@@ -153,6 +160,9 @@ class RunDir:
         self.log_path, self.lock_path = os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'train.lock')
         self.lock_text = f"{os.getpid()} {socket.gethostname()}\n"
         self.keep_prev = True  # the next save moves ckpt.pt to ckpt_prev.pt; not when ckpt.pt is the damaged file
+        self.preempted = None  # the name of the signal that asked the run to stop (catch_preemption), and when
+        self.preempted_at = 0.0
+        self.handlers = {}     # the signal handlers that catch_preemption replaced: release() puts them back
 
     # one run at a time: the lock holds the pid and host of the run from claim() until it exits. A second run on the
     # same out_dir is refused, naming the first; so is a new run (scratch, grow) in an out_dir that holds another
@@ -231,13 +241,32 @@ class RunDir:
         return None
 
     def release(self):
-        """Free the lock, if it is this run's."""
+        """Free the lock, if it is this run's, and put back the signal handlers that catch_preemption replaced."""
+        for signum, handler in self.handlers.items():
+            signal.signal(signum, handler)
+        self.handlers = {}
         try:
             with open(self.lock_path) as f:
                 if f.read() == self.lock_text:
                     os.remove(self.lock_path)
         except OSError:
             pass
+
+    def catch_preemption(self):
+        """From now on SIGTERM (a scheduler's preemption or time limit, Kubernetes, torchrun passing its own on) and
+        SIGUSR1 (SLURM's warning ahead of time: sbatch --signal=USR1@120) set self.preempted: train.py finishes the
+        iteration, saves a checkpoint and exits 0. More signals within 2 seconds are the same preemption (SLURM
+        signals every process of a job, and torchrun passes its SIGTERM on to the ranks); a later one ends the run
+        at once, as the signal would without this handler."""
+        def handler(signum, frame):
+            if self.preempted is None:
+                self.preempted, self.preempted_at = signal.Signals(signum).name, time.monotonic()
+            elif time.monotonic() - self.preempted_at > 2:
+                self.release()  # the lock, and the handlers before these: the default one ends the process
+                os.kill(os.getpid(), signum)
+        for signum in (signal.SIGTERM, getattr(signal, 'SIGUSR1', None)):  # Windows has no SIGUSR1
+            if signum is not None:
+                self.handlers[signum] = signal.signal(signum, handler)
 
     # checkpoints
 

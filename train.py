@@ -264,8 +264,10 @@ model = ranks.wrap(model, find_unused_parameters=est)  # DDP under torchrun (EST
 
 def leave(message=None):
     """End the run on every rank at once; all ranks call it at the same point. With a message, every rank exits 1
-    and rank 0 prints it (one line)."""
+    and rank 0 prints it (one line). The lock goes (atexit would free it too; this frees it for a next run in this
+    same process: tests run train.py so), and so do the signal handlers of run.catch_preemption."""
     global model
+    run.release()
     if ddp:  # free the DDP wrapper (its reducer holds gloo work) while the interpreter is whole: freed at exit
         model = None  # instead, it aborted a rank ("terminate called without an active exception") 1 run in 6
         gc.collect()
@@ -293,12 +295,16 @@ if est:
     say(est_plan(max_iters, est_stage1_end, est_stage2_end, est_p_heads, est_p_units, est_p_layers))
 
 if checkpoint is not None and len(checkpoint['rng']) == ddp_world_size:
-    set_rng_state(checkpoint['rng'][ddp_rank], train_gen, device_type == 'cuda')
+    set_rng_state(checkpoint['rng'][ddp_rank], train_gen, device_type == 'cuda', levels)
 elif checkpoint is not None:  # saved by another number of processes: reseed, away from the seeds of any fresh start
     train_gen.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
     torch.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
     say(f"the checkpoint has random states for {len(checkpoint['rng'])} processes, this run has {ddp_world_size}: "
         f"reseeded, so this is not an exact continuation")
+# a checkpoint's iter was evaluated before it was saved (not on a preemption: run_dir.py): no second eval there
+resumed_at = iter_num if checkpoint is not None and 'preempted' not in checkpoint else None
+for level, stats in zip(levels, checkpoint.get('level_stats', []) if checkpoint else []):  # 'dropped' since the eval
+    level.stats.copy_(stats)
 checkpoint = None  # free the memory
 
 
@@ -364,9 +370,10 @@ def checkpoint_now(rng_states):
 # logging: a resumed run keeps the log's records up to its checkpoint; a new run starts an empty log
 problem = run.start_log(iter_num if init_from == 'resume' else None) if master_process and not eval_only else None
 leave_if(problem)
+if not eval_only:
+    run.catch_preemption()  # SIGTERM or SIGUSR1: finish the iteration, save, exit 0 (on every rank)
 
 # training loop
-resumed_at = iter_num if init_from == 'resume' else None  # that iter's eval came before its checkpoint was saved
 if init_from == 'resume' and iter_num >= max_iters and not eval_only and master_process:
     print(f"the checkpoint is at iter {iter_num} and max_iters={max_iters}: nothing to do (raise --max_iters)")
 t0 = t_train = time.time()  # t_train: start of the current stretch of training, evals excluded
@@ -406,7 +413,7 @@ while True:
             best_val_loss = min(best_val_loss, losses['val_loss'])
             save = stop is None and iter_num > 0 and not eval_only and (improved or always_save_checkpoint
                                                                          or iter_num == max_iters)
-        rng_states = ranks.gather(rng_state(train_gen, device_type == 'cuda'))  # every rank's: each resumes exactly
+        rng_states = ranks.gather(rng_state(train_gen, device_type == 'cuda', levels))  # each rank resumes exactly
         if master_process:
             stop = run.save(checkpoint_now(rng_states)) if save else stop
             t0 = t_train = time.time()
@@ -460,7 +467,15 @@ while True:
                  f"({(iter_num + 1) * flops_per_iter_dense:.3g} dense)" if est else ''), flush=True)
     iter_num += 1
     local_iter_num += 1
+    if ranks.any(run.preempted):  # SIGTERM or SIGUSR1 on any rank: every rank saves and leaves at this iteration
+        rng_states, stop = ranks.gather(rng_state(train_gen, device_type == 'cuda', levels)), None
+        if master_process:
+            train_seconds += time.time() - t_train
+            stop = run.save(checkpoint_now(rng_states) | {'preempted': run.preempted or 'a signal to another rank',
+                                                          'level_stats': [level.stats.cpu() for level in levels]})
+        leave_if(stop)
+        say(f"stopped by {run.preempted or 'a signal to another rank'} at iter {iter_num}, saved in {run.ckpt_path}: "
+            f"to continue, run the same command with --init_from=resume")
+        break
 
 leave()  # every rank, after rank 0's last eval and checkpoint
-if master_process:
-    run.release()  # atexit would too; this frees it for a next run in this same process (tests run train.py so)
