@@ -34,8 +34,8 @@ Documents (files, or pieces of text split at a literal <|endoftext|>, as TinySto
 uses; or the rows of parquet/JSONL files) are each followed by the tokenizer's eot_token: 50256 for gpt2, byte 0
 (NUL) for byte.
 
-Shard sets: val_000000.bin holds the first val_tokens (default 10M) tokens, then come train shards of
-shard_tokens (default 100M) each, until the documents end or max_tokens (val included) are written. Documents are
+Shard sets: val_000000.bin holds the first val_tokens (default 10M; a corpus of fewer than 20M gets ~1%, at least 4096)
+tokens, then come train shards of shard_tokens (default 100M) each, until the documents end or max_tokens (val included) are written. Documents are
 read in batches (parquet one row group at a time), so memory stays flat whatever the corpus size, and tokenized by
 num_proc processes (0: all cores). Each shard is written to a temp file and renamed, and meta.json records where
 the next shard starts: run the same command again after an interruption (Ctrl-C, kill -9, a lost connection) and
@@ -86,6 +86,7 @@ TEXT_SUFFIXES = ('.txt', '.md', '.py')
 TABLE_SUFFIXES = ('.parquet', '.jsonl')  # documents in rows: these become a shard set
 EOT_TEXT = '<|endoftext|>'
 MIN_VAL_TOKENS = 4096     # a 0.5% split of a small corpus is too few tokens for a stable val loss
+VAL_TOKENS = 10_000_000   # prepare()'s default val_tokens: a corpus of fewer than twice it gets ~1% for val
 CHUNK_BYTES = 1 << 20     # read ~1 MB at a time, so memory stays flat whatever the corpus size
 BATCH_DOCS = 256          # documents per tokenizing task
 # GPT-2's BPE ranks in tiktoken's format: the sha256 that tiktoken checks for r50k_base.tiktoken, which is GPT-2's
@@ -443,12 +444,67 @@ def write_meta(meta, meta_path):
     os.replace(tmp, meta_path)
 
 
-def prepare_shards(sources, source, tok, out_dir, text_column, num_proc, max_tokens, shard_tokens, val_tokens):
+def finished_shards(meta, out_dir, max_tokens):
+    """(meta.json of an earlier run on out_dir, the shards of it that this run keeps, in stream order: val first).
+    None instead of the shards when that run wrote what this one would: nothing to do. A run made with other
+    settings is an error: a silent mix, or a restart that throws hours away, would be worse."""
+    meta_path, itemsize = out_dir / 'meta.json', np.dtype(meta['dtype']).itemsize
+    try:
+        old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if not isinstance(old, dict) or ('train_shards' in old and not all(
+                k in old for k in ('complete', 'max_tokens', 'val_shards', 'val_tokens', 'train_tokens'))):
+            raise ValueError('not a meta.json of prepare.py')
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"{meta_path} cannot be read ({first_line(e)}): delete it to start over") from None
+    if 'train_shards' not in old:
+        return old, []
+    changed = ['the input files' if k == 'files' else f"{k} {old.get(k)!r} -> {v!r}"
+               for k, v in meta.items() if old.get(k) != v]
+    if changed:
+        raise PrepareError(f"{out_dir}/ holds shards made with other settings ({', '.join(changed)}): delete "
+                           f"{meta_path} to start over, or give another --name")
+    shards = old['val_shards'] + old['train_shards']
+    if old['complete'] and old['max_tokens'] == max_tokens and all(  # and no shard was cut short since
+            (out_dir / s['file']).exists() and (out_dir / s['file']).stat().st_size == s['tokens'] * itemsize
+            for s in shards):
+        print(f"{out_dir}/ is already complete ({sum(s['tokens'] for s in shards):,} tokens): nothing to do")
+        return old, None
+    done = []  # the finished shards, in the order of the token stream: val_000000.bin, train_000000.bin, ...
+    for shard in shards:
+        target = meta['val_tokens'] if not done else meta['shard_tokens']
+        kept = sum(s['tokens'] for s in done) + target
+        path = out_dir / shard['file']
+        if shard['tokens'] != target or (max_tokens and kept > max_tokens) or not path.exists() \
+                or path.stat().st_size != target * itemsize:
+            break  # a partial last shard, one past a smaller --max_tokens, or a damaged one: redo it from its start
+        done.append(shard)
+    return old, done
+
+
+def split_small_set(out_dir, done, dtype, shard_tokens):
+    """The finished shards of a corpus smaller than twice the default val_tokens, split again: ~1% of the tokens
+    (at least MIN_VAL_TOKENS) for val_000000.bin, the rest for the train shards. The tokens fit in memory (fewer
+    than 20M); each file is written to a temp file, then renamed."""
+    tokens = np.concatenate([np.fromfile(out_dir / s['file'], dtype=dtype) for s in done])
+    n_val = max(len(tokens) // 100, MIN_VAL_TOKENS)
+    pieces = [tokens[:n_val]] + [tokens[i:i + shard_tokens] for i in range(n_val, len(tokens), shard_tokens)]
+    for j, piece in enumerate(pieces):
+        tmp = out_dir / (shard_name(j) + '.tmp')
+        piece.tofile(tmp)
+        os.replace(tmp, out_dir / shard_name(j))
+    # where each shard ends in the documents is known for the last one only: a rerun redoes all of them
+    return [dict(file=shard_name(j), tokens=len(piece), end=done[-1]['end'] if j == len(pieces) - 1 else None)
+            for j, piece in enumerate(pieces)]
+
+
+def prepare_shards(sources, source, tok, out_dir, text_column, num_proc, max_tokens, shard_tokens, val_tokens,
+                   small_val=False):
     """Tokenize the documents of parquet/JSONL files into val_000000.bin (the first val_tokens tokens) and
     train_000000.bin, ... (shard_tokens each) until the documents end or max_tokens are written. Each shard goes to
     a temp file, renamed when complete, and meta.json, rewritten after each shard, records where in the documents
     the next shard starts: a rerun of the same command continues after the last finished shard, and writes what
-    an uninterrupted run writes. meta.json says complete: true only at the end (train.py waits for that)."""
+    an uninterrupted run writes. meta.json says complete: true only at the end (train.py waits for that).
+    small_val (val_tokens is the default): a corpus of fewer than 2 * val_tokens gets a val shard of ~1% instead."""
     t0 = time.time()
     dtype = dtype_for(tok.vocab_size)
     itemsize = np.dtype(dtype).itemsize
@@ -457,34 +513,9 @@ def prepare_shards(sources, source, tok, out_dir, text_column, num_proc, max_tok
                 files=[[name, size] for name, size, _, _ in sources], text_column=text_column,
                 shard_tokens=shard_tokens, val_tokens=val_tokens)
     meta_path = out_dir / 'meta.json'
-    try:
-        old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        if not isinstance(old, dict) or ('train_shards' in old and not all(
-                k in old for k in ('complete', 'max_tokens', 'val_shards', 'val_tokens', 'train_tokens'))):
-            raise ValueError('not a meta.json of prepare.py')
-    except (OSError, ValueError) as e:
-        raise PrepareError(f"{meta_path} cannot be read ({first_line(e)}): delete it to start over") from None
-    done = []  # the finished shards, in the order of the token stream: val_000000.bin, train_000000.bin, ...
-    if 'train_shards' in old:  # a shard set from an earlier run: continue it, if it was made the same way
-        changed = ['the input files' if k == 'files' else f"{k} {old.get(k)!r} -> {v!r}"
-                   for k, v in meta.items() if old.get(k) != v]
-        if changed:
-            raise PrepareError(f"{out_dir}/ holds shards made with other settings ({', '.join(changed)}): delete "
-                               f"{meta_path} to start over, or give another --name")
-        intact = all((out_dir / s['file']).exists() and (out_dir / s['file']).stat().st_size == s['tokens'] * itemsize
-                     for s in old['val_shards'] + old['train_shards'])  # else: redo from the first damaged shard
-        if old['complete'] and old['max_tokens'] == max_tokens and intact:
-            print(f"{out_dir}/ is already complete ({old['val_tokens'] + old['train_tokens']:,} tokens): "
-                  f"nothing to do")
-            return old
-        for shard in old['val_shards'] + old['train_shards']:
-            target = val_tokens if not done else shard_tokens
-            kept = sum(s['tokens'] for s in done) + target
-            path = out_dir / shard['file']
-            if shard['tokens'] != target or (max_tokens and kept > max_tokens) or not path.exists() \
-                    or path.stat().st_size != target * itemsize:
-                break  # a partial last shard, or one past a smaller --max_tokens: redo it from its start
-            done.append(shard)
+    old, done = finished_shards(meta, out_dir, max_tokens)
+    if done is None:
+        return old
     written = sum(s['tokens'] for s in done)
     file_index, row, skip = done[-1]['end'] if done else (0, 0, 0)
     budget = max_tokens or float('inf')
@@ -545,8 +576,13 @@ def prepare_shards(sources, source, tok, out_dir, text_column, num_proc, max_tok
             out.close()
             tmp.unlink(missing_ok=True)
 
+    small = small_val and 2 * MIN_VAL_TOKENS <= written < 2 * val_tokens  # ~1% for val, not the default val_tokens
+    if small:
+        done = split_small_set(out_dir, done, dtype, shard_tokens)
+        print(f"only {written:,} tokens, fewer than twice the default --val_tokens={val_tokens:,}: val_000000.bin "
+              f"gets {done[0]['tokens']:,} of them (~1%), the train shards the rest")
     val_n = done[0]['tokens'] if done else 0
-    if val_n < val_tokens or written - val_n < val_tokens:
+    if not small and (val_n < val_tokens or written - val_n < val_tokens):
         for shard in done:
             (out_dir / shard['file']).unlink(missing_ok=True)
         meta_path.unlink(missing_ok=True)  # so that a rerun with a smaller --val_tokens starts afresh
@@ -580,7 +616,8 @@ def prepare(
         num_proc=0,                # shard sets: tokenizing processes (0: all cores)
         max_tokens=0,              # shard sets: stop after this many tokens, val included (0: no limit)
         shard_tokens=100_000_000,  # shard sets: tokens per train shard
-        val_tokens=10_000_000,     # shard sets: tokens of the val shard (val_000000.bin)
+        val_tokens=10_000_000,     # shard sets: tokens of the val shard (val_000000.bin); left at this default,
+                                   # ~1% of a corpus smaller than twice it
 ):
     """Write data/<name>/{train.bin,val.bin,meta.json}, or for parquet/JSONL documents (--input, or a hub dataset)
     a shard set (prepare_shards), and return the meta dict. val_fraction is for the first layout; text_column,
@@ -591,7 +628,8 @@ def prepare(
     check_ranges(locals(), {'num_proc': ('[0, inf)', ' (0: all cores)'), 'max_tokens': ('[0, inf)', ' (0: no limit)'),
                             'shard_tokens': '[1, inf)', 'val_tokens': '[1, inf)',
                             'max_files': ('[0, inf)', ' (0: all)')}, error=PrepareError)
-    if max_tokens and max_tokens < 2 * val_tokens:
+    small_val = val_tokens == VAL_TOKENS  # the default: a small corpus gets ~1% instead (a given value is honoured)
+    if max_tokens and max_tokens < 2 * val_tokens and not small_val:
         raise PrepareError(f"--max_tokens={max_tokens:,} leaves fewer train tokens than the {val_tokens:,} val tokens "
                            f"(--val_tokens): raise --max_tokens or lower --val_tokens")
     if input and (url or dataset != 'stdlib'):
@@ -635,7 +673,7 @@ def prepare(
     if sources is not None:
         sources = sources[:max_files] if max_files > 0 else sources
         return prepare_shards(sources, source, tok, make_out_dir(out_root, name), text_column, num_proc, max_tokens,
-                              shard_tokens, val_tokens)
+                              shard_tokens, val_tokens, small_val)
 
     if not input and (url or dataset != 'stdlib'):  # a text file to download
         name = name or (dataset if dataset != 'stdlib' else Path(url).stem or 'download')

@@ -427,6 +427,31 @@ def test_the_same_command_again_rewrites_a_shard_cut_short(tmp_path, capsys):
     assert load_shards(tmp_path / 'data' / 'in')[1].tolist() == all_tokens.tolist()
 
 
+def test_a_small_corpus_just_works_with_a_val_shard_of_one_percent(tmp_path, capsys):
+    """Fewer tokens than twice the default --val_tokens (10M): ~1% (here at least 4096) for val, and it says so.
+    An explicit --val_tokens is honoured, or refused when the corpus cannot give it."""
+    docs = [f'{i} {DOCS[i % 300] or ""}' for i in range(6000)]
+    write_jsonl(tmp_path / 'in' / 'docs.jsonl', docs)
+    meta = prepare.prepare(input=str(tmp_path / 'in' / '*.jsonl'), tokenizer='byte', shard_tokens=200_000, num_proc=1,
+                           out_root=str(tmp_path / 'data'))
+    m, tokens = load_shards(tmp_path / 'data' / 'in')
+    assert m == meta and meta['complete'] and tokens.tolist() == byte_stream(docs)
+    n = len(tokens)
+    sizes = [s['tokens'] for s in meta['val_shards'] + meta['train_shards']]
+    assert sizes[0] == max(n // 100, 4096) and set(sizes[1:-1]) <= {200_000} and sum(sizes) == n
+    assert f"only {n:,} tokens, fewer than twice the default --val_tokens=10,000,000: val_000000.bin gets " \
+           f"{sizes[0]:,} of them (~1%)" in capsys.readouterr().out
+    assert prepare.prepare(input=str(tmp_path / 'in' / '*.jsonl'), tokenizer='byte', shard_tokens=200_000,
+                           num_proc=1, out_root=str(tmp_path / 'data')) == meta  # the same command again
+    assert 'nothing to do' in capsys.readouterr().out
+    meta = prepare.prepare(input=str(tmp_path / 'in' / '*.jsonl'), tokenizer='byte', val_tokens=5000, num_proc=1,
+                           out_root=str(tmp_path / 'explicit'))
+    assert meta['val_shards'][0]['tokens'] == 5000
+    with pytest.raises(PrepareError, match=rf"only {n:,} tokens in .*: fewer than --val_tokens=1,000,000 for val"):
+        prepare.prepare(input=str(tmp_path / 'in' / '*.jsonl'), tokenizer='byte', val_tokens=1_000_000, num_proc=1,
+                        out_root=str(tmp_path / 'refused'))
+
+
 def test_killed_run_resumes_to_the_same_shards(tmp_path):
     """kill -9 in the middle of a parquet file and of a shard (2 processes), then the same command again."""
     docs = [f'{i} {DOCS[i % 300] or ""}' for i in range(3000)]
