@@ -52,7 +52,8 @@ def open_dataset(data_path, block_size):
     meta = read_meta(data_path)
     files = {split: [s['file'] for s in meta[f'{split}_shards']] if f'{split}_shards' in meta else [f'{split}.bin']
              for split in ('train', 'val')}
-    missing = [f for f in (*files['train'], *files['val'], 'meta.json') if not os.path.exists(os.path.join(data_path, f))]
+    missing = [f for f in (*files['train'], *files['val'], 'meta.json')
+               if not os.path.exists(os.path.join(data_path, f))]
     if missing:
         shown = ', '.join(missing[:3]) + (' ...' if len(missing) > 3 else '')  # a shard set can miss hundreds
         raise SystemExit(f"no {shown} in {data_path}/: run `python prepare.py` first "

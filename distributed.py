@@ -18,8 +18,8 @@ class Ranks:
 
     def __init__(self, device, device_type):
         self.ddp = int(os.environ.get('RANK', -1)) != -1
-        self.rank, self.local_rank, self.world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) \
-            if self.ddp else (0, 0, 1)
+        names = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')
+        self.rank, self.local_rank, self.world_size = (int(os.environ[k]) for k in names) if self.ddp else (0, 0, 1)
         self.master = self.rank == 0
         self.device, self.device_type = device, device_type
         self.flags = None  # the process group of any(): gloo, on the CPU (the default one on CPUs)

@@ -148,6 +148,23 @@ def set_rng_state(state, batches, cuda, levels=()):
     batches.set_state(state['batches'])
 
 
+def restore(checkpoint, rank, world_size, batches, cuda, levels, seed, say=print):
+    """Put this process back where the checkpoint left it: its random states and score offsets (saved by another
+    number of processes: new seeds, away from those of any fresh start, and not an exact continuation), and after a
+    preemption the levels' selection counts since the last eval. Returns the iter whose eval the checkpoint holds
+    (None after a preemption: its iter's eval is still to run)."""
+    if len(checkpoint['rng']) == world_size:
+        set_rng_state(checkpoint['rng'][rank], batches, cuda, levels)
+    else:
+        batches.manual_seed(seed + rank + checkpoint['iter_num'] * world_size)
+        torch.manual_seed(seed + rank + checkpoint['iter_num'] * world_size)
+        say(f"the checkpoint has random states for {len(checkpoint['rng'])} processes, this run has {world_size}: "
+            f"reseeded, so this is not an exact continuation")
+    for level, stats in zip(levels, checkpoint.get('level_stats', [])):
+        level.stats.copy_(stats)
+    return None if 'preempted' in checkpoint else checkpoint['iter_num']
+
+
 # -----------------------------------------------------------------------------
 # the run's own out_dir: lock, checkpoints, log
 

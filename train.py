@@ -33,7 +33,7 @@ from est import est_plan, est_stage, set_subnetwork, subnetwork_at
 from flops import estimate_mfu, forward_flops
 from grow import grow_checkpoint
 from model import SubLLMConfig, SubLLM
-from run_dir import RunDir, model_from, rng_state, set_rng_state
+from run_dir import RunDir, model_from, restore, rng_state
 
 # -----------------------------------------------------------------------------
 # default settings: a small SUBLLM on the default corpus
@@ -294,17 +294,9 @@ def stage_at(it):
 if est:
     say(est_plan(max_iters, est_stage1_end, est_stage2_end, est_p_heads, est_p_units, est_p_layers))
 
-if checkpoint is not None and len(checkpoint['rng']) == ddp_world_size:
-    set_rng_state(checkpoint['rng'][ddp_rank], train_gen, device_type == 'cuda', levels)
-elif checkpoint is not None:  # saved by another number of processes: reseed, away from the seeds of any fresh start
-    train_gen.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
-    torch.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
-    say(f"the checkpoint has random states for {len(checkpoint['rng'])} processes, this run has {ddp_world_size}: "
-        f"reseeded, so this is not an exact continuation")
-# a checkpoint's iter was evaluated before it was saved (not on a preemption: run_dir.py): no second eval there
-resumed_at = iter_num if checkpoint is not None and 'preempted' not in checkpoint else None
-for level, stats in zip(levels, checkpoint.get('level_stats', []) if checkpoint else []):  # 'dropped' since the eval
-    level.stats.copy_(stats)
+# the resumed process's own state; resumed_at: the iter whose eval the checkpoint holds (not after a preemption)
+resumed_at = None if checkpoint is None else restore(checkpoint, ddp_rank, ddp_world_size, train_gen,
+                                                    device_type == 'cuda', levels, seed, say)
 checkpoint = None  # free the memory
 
 
@@ -322,11 +314,9 @@ def get_lr(it):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss of each split over eval_iters batches, the same batches at every eval so that evals compare.
-    Eval mode is the inference path: a level keeps the tokens whose score is > 0. For SUBLLM also
-    val_loss_train_selection, the same val batches with the training-time selection (train mode, no gradients;
-    dropout is 0 by default): the gap between the two is the train/inference mismatch. And per level the fraction
-    of tokens it kept on val (eval mode), and the fraction on which the two selections agree."""
+    """Mean loss of each split over eval_iters batches, the same batches at every eval so that evals compare, in
+    eval mode (the inference path). For SUBLLM also val_loss_train_selection, the same val batches with the
+    training-time selection (train mode, no gradients), and per level the fractions kept and agreeing (run_dir.py)."""
     out = {}
     set_subnetwork(raw_model, None)  # EST: always evaluate the full model; the next step sets its own
     offsets = [level.score_offset.clone() for level in levels]  # a train-mode forward moves them: put them back
@@ -360,11 +350,16 @@ if est and use_compile:  # the blocks are compiled in place: keep evals eager, a
     estimate_loss = torch.compiler.set_stance('force_eager')(estimate_loss)
 
 
-def checkpoint_now(rng_states):
-    """Everything to resume the run from here, or to sample from it."""
-    return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-            'model_args': asdict(raw_model.config), 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-            'config': config, 'meta': meta, 'rng': rng_states, 'train_seconds': train_seconds, 'flops': flops_spent}
+def save_checkpoint(save=True, **extra):
+    """Everything to resume the run from here, or to sample from it, with every rank's own state (every rank calls
+    it), saved by rank 0 if save. Returns rank 0's problem (a full disk), or None."""
+    rng_states = ranks.gather(rng_state(train_gen, device_type == 'cuda', levels))  # each rank resumes exactly
+    if not (master_process and save):
+        return None
+    return run.save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                     'scaler': scaler.state_dict(), 'model_args': asdict(raw_model.config), 'iter_num': iter_num,
+                     'best_val_loss': best_val_loss, 'config': config, 'meta': meta, 'rng': rng_states,
+                     'train_seconds': train_seconds, 'flops': flops_spent, **extra})
 
 
 # logging: a resumed run keeps the log's records up to its checkpoint; a new run starts an empty log
@@ -413,10 +408,8 @@ while True:
             best_val_loss = min(best_val_loss, losses['val_loss'])
             save = stop is None and iter_num > 0 and not eval_only and (improved or always_save_checkpoint
                                                                          or iter_num == max_iters)
-        rng_states = ranks.gather(rng_state(train_gen, device_type == 'cuda', levels))  # each rank resumes exactly
-        if master_process:
-            stop = run.save(checkpoint_now(rng_states)) if save else stop
-            t0 = t_train = time.time()
+        stop = save_checkpoint(save) or stop
+        t0 = t_train = time.time()
         leave_if(stop)  # rank 0 tells every rank whether its eval stopped the run
     if eval_only or iter_num >= max_iters:
         break
@@ -468,12 +461,9 @@ while True:
     iter_num += 1
     local_iter_num += 1
     if ranks.any(run.preempted):  # SIGTERM or SIGUSR1 on any rank: every rank saves and leaves at this iteration
-        rng_states, stop = ranks.gather(rng_state(train_gen, device_type == 'cuda', levels)), None
-        if master_process:
-            train_seconds += time.time() - t_train
-            stop = run.save(checkpoint_now(rng_states) | {'preempted': run.preempted or 'a signal to another rank',
-                                                          'level_stats': [level.stats.cpu() for level in levels]})
-        leave_if(stop)
+        train_seconds += time.time() - t_train
+        leave_if(save_checkpoint(preempted=run.preempted or 'a signal to another rank',
+                                 level_stats=[level.stats.cpu() for level in levels]))
         say(f"stopped by {run.preempted or 'a signal to another rank'} at iter {iter_num}, saved in {run.ckpt_path}: "
             f"to continue, run the same command with --init_from=resume")
         break
