@@ -19,8 +19,8 @@ from contextlib import nullcontext
 import torch
 
 from configurator import check_ranges, configure, first_line, resolve_device
-from prepare import get_tokenizer
 from run_dir import load_checkpoint, model_from
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'             # reads out_dir/ckpt.pt

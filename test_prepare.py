@@ -18,6 +18,7 @@ import requests
 import tiktoken
 
 import prepare
+import tokenizer
 from prepare import PrepareError, get_tokenizer
 
 HERE = Path(__file__).parent
@@ -146,13 +147,13 @@ def test_gpt2_from_a_local_bpe_file(monkeypatch, tmp_path):
     data = ''.join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(ranks)).encode()
     (tmp_path / 'gpt2.tiktoken').write_bytes(data)
     monkeypatch.setenv('GPT2_BPE_FILE', str(tmp_path / 'gpt2.tiktoken'))
-    monkeypatch.setattr(prepare, 'GPT2_BPE_SHA256', hashlib.sha256(data).hexdigest())
+    monkeypatch.setattr(tokenizer, 'GPT2_BPE_SHA256', hashlib.sha256(data).hexdigest())
     monkeypatch.setattr(tiktoken, 'get_encoding', fail_offline)  # the file, not the cache or the network
     tok = get_tokenizer('auto')
     assert (tok.name, tok.eot_token, tok.encode('hehe!')) == ('gpt2', 50256, [256, 256, 33])
     assert tok.decode(tok.encode('Ünïcödé 🙂')) == 'Ünïcödé 🙂'
     # another file: an error in one line, with --tokenizer=auto too (the user asked for that file: no fallback)
-    monkeypatch.setattr(prepare, 'GPT2_BPE_SHA256', '0' * 64)
+    monkeypatch.setattr(tokenizer, 'GPT2_BPE_SHA256', '0' * 64)
     for name in ('gpt2', 'auto'):
         with pytest.raises(PrepareError, match="is not GPT-2's BPE file .*openai-whisper") as e:
             get_tokenizer(name)
@@ -246,7 +247,7 @@ def test_interrupted_run_keeps_old_output_and_no_temp_files(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return list(data)
 
-    monkeypatch.setattr(prepare.ByteTokenizer, 'encode', interrupted)
+    monkeypatch.setattr(tokenizer.ByteTokenizer, 'encode', interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(input=str(tmp_path / 'in'), tokenizer='byte', out_root=str(tmp_path / 'data'))
     after = load(tmp_path / 'data' / 'in')  # also asserts no *.tmp is left
