@@ -31,6 +31,13 @@ class Ranks:
             self.device = f'cuda:{self.local_rank}'
             torch.cuda.set_device(self.device)
 
+    def share(self, gradient_accumulation_steps):
+        """The micro-steps of an iteration, counted over all processes, that each process runs."""
+        if gradient_accumulation_steps % self.world_size != 0:
+            raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} counts micro-steps over all "
+                             f"processes, so it must be divisible by the number of processes ({self.world_size})")
+        return gradient_accumulation_steps // self.world_size
+
     def wrap(self, model, find_unused_parameters=False):
         """Make the process group and wrap the model in DDP (without torchrun: the model as it is). The group is made
         this late on purpose: an error in the settings, data or checkpoint before it ends every rank on its own, as

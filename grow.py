@@ -5,7 +5,7 @@ experiment (grow_checkpoint reads and grows a run's checkpoint for it). The stru
 the grown model, so a SUBLLM's levels grow with it.
 """
 import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 
@@ -98,8 +98,8 @@ def grow(model, method='tli', k=2, init='copy_zero', m=2):
 
 
 def grow_checkpoint(out_dir, method, k, init, m, say=print):
-    """train.py --init_from=grow: the model of out_dir's checkpoint (ckpt_prev.pt if ckpt.pt is damaged), grown.
-    Returns the grown model's (model_args, state_dict); a problem ends the run with one line."""
+    """train.py --init_from=grow: the model of out_dir's checkpoint (ckpt_prev.pt if ckpt.pt is damaged), grown (on
+    the CPU, in train mode); a problem ends the run with one line."""
     path = os.path.join(out_dir, 'ckpt.pt')
     missing = f"init_from=grow needs --grow_from=OUT_DIR of a trained model: no checkpoint at {path}"
     if not out_dir:
@@ -113,4 +113,4 @@ def grow_checkpoint(out_dir, method, k, init, m, say=print):
     how = f"TLI k={k}, {init}" if method == 'tli' else f"DUS m={m}"
     say(f"grown ({how}) from {path} (iter {source['iter_num']}): {len(base.blocks())} blocks "
         f"{base.config.structure} -> {len(grown.blocks())} blocks {grown.config.structure}")
-    return asdict(grown.config), grown.state_dict()
+    return grown

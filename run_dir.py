@@ -12,6 +12,7 @@ train.py calls it in the order a run happens (the torchtitan way: the training l
     refusal = run.claim(resume, overwrite)  # the lock; a new run in another run's out_dir is refused
     checkpoint, path = run.load(keys, config)  # --init_from=resume: ckpt.pt, or ckpt_prev.pt when ckpt.pt is damaged
     problem = run.start_log(iter_num)      # a resumed run keeps its log up to its checkpoint; a new run starts afresh
+                                           # (and with wandb_init, the wandb run starts)
     run.catch_preemption()                 # SIGTERM, SIGUSR1: run.preempted, and the loop saves and leaves
     problem = run.log(record)              # at each eval, and then
     problem = run.save(checkpoint)
@@ -32,6 +33,7 @@ score that the training selection skipped: below the top-k cut, or past the capa
 and flops_dense (what dense training spends).
 """
 import atexit
+import importlib.util
 import json
 import os
 import random
@@ -148,11 +150,17 @@ def set_rng_state(state, batches, cuda, levels=()):
     batches.set_state(state['batches'])
 
 
-def restore(checkpoint, rank, world_size, batches, cuda, levels, seed, say=print):
-    """Put this process back where the checkpoint left it: its random states and score offsets (saved by another
-    number of processes: new seeds, away from those of any fresh start, and not an exact continuation), and after a
-    preemption the levels' selection counts since the last eval. Returns the iter whose eval the checkpoint holds
-    (None after a preemption: its iter's eval is still to run)."""
+def restore(checkpoint, path, optimizer, scaler, rank, world_size, batches, cuda, levels, seed, say=print):
+    """Put the run back where the checkpoint (read from path) left it: the optimizer and the loss scaler, this
+    process's random states and score offsets (saved by another number of processes: new seeds, away from those of
+    any fresh start, and not an exact continuation), and after a preemption the levels' selection counts since the
+    last eval. Returns the iter whose eval the checkpoint holds (None after a preemption: it is still to run)."""
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scaler.load_state_dict(checkpoint['scaler'])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"the optimizer state in {path} does not fit this model ({first_line(e)}): was it saved by "
+                         f"another version of train.py?") from None
     if len(checkpoint['rng']) == world_size:
         set_rng_state(checkpoint['rng'][rank], batches, cuda, levels)
     else:
@@ -171,7 +179,14 @@ def restore(checkpoint, rank, world_size, batches, cuda, levels, seed, say=print
 class RunDir:
     """The out_dir of a training run. Only rank 0 of a DDP run claims it, saves and logs; every rank loads."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, wandb_init=None):
+        """wandb_init: wandb.init's arguments, to send log()'s records to Weights & Biases too (None: not)."""
+        if not out_dir:
+            raise SystemExit("--out_dir is empty: give the directory for the checkpoint and log, e.g. --out_dir=out")
+        if wandb_init and importlib.util.find_spec('wandb') is None:  # optional: checked now, imported when it starts
+            raise SystemExit("--wandb_log=True needs wandb, which is not installed: pip install wandb (or "
+                             "--wandb_log=False)")
+        self.wandb_init, self.wandb = wandb_init, None  # and the wandb run, once start_log has started it
         self.out_dir = out_dir
         self.ckpt_path, self.prev_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'ckpt_prev.pt')
         self.log_path, self.lock_path = os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'train.lock')
@@ -258,7 +273,11 @@ class RunDir:
         return None
 
     def release(self):
-        """Free the lock, if it is this run's, and put back the signal handlers that catch_preemption replaced."""
+        """Free the lock, if it is this run's, put back the signal handlers that catch_preemption replaced, and
+        finish the wandb run."""
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         for signum, handler in self.handlers.items():
             signal.signal(signum, handler)
         self.handlers = {}
@@ -342,13 +361,24 @@ class RunDir:
             os.replace(self.log_path + '.tmp', self.log_path)
         except OSError as e:
             return f"cannot write {self.log_path} ({e.strerror or first_line(e)}): give a writable --out_dir"
+        if self.wandb_init:
+            try:
+                import wandb
+                self.wandb = wandb.init(**self.wandb_init)
+            except Exception as e:  # wandb's own errors: not logged in, no network
+                return (f"wandb.init failed ({type(e).__name__}: {first_line(e)}): run `wandb login`, set "
+                        f"WANDB_MODE=offline, or give --wandb_log=False")
         return None
 
     def log(self, record):
-        """Append one record to log.jsonl. Returns None, or why the run must stop (a full disk)."""
+        """Append one record to log.jsonl, and send it to wandb (a per-level list as name/0, name/1, ...: wandb
+        plots numbers). Returns None, or why the run must stop (a full disk)."""
         try:
             with open(self.log_path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
+            if self.wandb is not None:
+                self.wandb.log({f'{k}/{i}' if isinstance(v, list) else k: x for k, v in record.items()
+                                for i, x in enumerate(v if isinstance(v, list) else [v])}, step=record['iter'])
         except OSError as e:  # a full disk: stop, keeping what is there
             return (f"cannot write {self.log_path} at iter {record['iter']} ({e.strerror or first_line(e)}): "
                     f"stopping; free some disk space and continue with --init_from=resume")

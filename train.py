@@ -10,10 +10,9 @@ or many GPUs (DDP).
     python train.py config/grow_tli_copy_zero.py                                 # 1.5x deeper copy of a trained model
 
 Every global in the first section is a setting. A config file (python that assigns some of them) overrides the
-defaults, then --key=value flags override both; `python train.py --help` lists them all.
-out_dir gets log.jsonl (a JSON record per eval: losses, tokens, time, FLOPs, and per level what it kept), ckpt.pt
-(everything to resume or to sample) and ckpt_prev.pt (the one before it, for a damaged ckpt.pt); one run at a
-time, and a new run does not start over another run's checkpoint unless --overwrite=True (run_dir.py has the rest).
+defaults, then --key=value flags override both; `python train.py --help` lists them all. out_dir gets log.jsonl (a
+JSON record per eval), ckpt.pt (everything to resume or to sample) and ckpt_prev.pt (the one before it): run_dir.py.
+SIGTERM or SIGUSR1 (a preemption) saves ckpt.pt at the end of the iteration and exits 0: --init_from=resume goes on.
 """
 import gc
 import math
@@ -22,11 +21,12 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
+from functools import partial
 
 import numpy as np
 import torch
 
-from configurator import check_ranges, configure, first_line, resolve_device, settings_of
+from configurator import check_ranges, configure, resolve_device, settings_of
 from dataset import open_dataset
 from distributed import Ranks
 from est import est_plan, est_stage, set_subnetwork, subnetwork_at
@@ -105,11 +105,14 @@ est_stage2_end = 0.65
 est_p_heads = 0.5               # stages 1 and 2: fraction of the KV groups (with all their query heads) a block runs
 est_p_units = 0.5               # stages 1 and 2: fraction of the SwiGLU hidden units a block runs
 est_p_layers = 0.5              # stage 1: fraction of the blocks that run (first, last and one per level always do)
+# Weights & Biases, as nanoGPT (optional: pip install wandb): rank 0 sends it what log.jsonl gets
+wandb_log = False
+wandb_project = 'subllm'
+wandb_run_name = ''             # '': wandb picks one
 
 # -----------------------------------------------------------------------------
 user_keys = configure(globals(), tuples=('keep_ratio',))  # config files, then --key=value (configurator.py)
-config_keys = settings_of(globals())
-config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint
+config = {k: globals()[k] for k in settings_of(globals())}  # saved in the checkpoint
 # every setting's valid range, before anything runs: one line that says which and what (grow.py checks grow_*)
 check_ranges(globals(), {
     'eval_interval': ('[1, inf)', ' (iterations between evals)'), 'log_interval': '[1, inf)',
@@ -126,8 +129,6 @@ for key, choices in dict(init_from=('scratch', 'resume', 'grow'), dtype=('auto',
                          selection=('topk', 'threshold'), balancer=('strong', 'spec')).items():
     if globals()[key] not in choices:
         raise SystemExit(f"--{key} must be one of {', '.join(choices)}, got {globals()[key]!r}")
-if not out_dir:
-    raise SystemExit("--out_dir is empty: give the directory for the checkpoint and log, e.g. --out_dir=out")
 if init_from == 'grow' and grow_from and os.path.abspath(grow_from) == os.path.abspath(out_dir):
     raise SystemExit(f"out_dir and grow_from are both {out_dir!r}: give the grown run its own --out_dir, or its "
                      f"checkpoints would overwrite the model it grows from")
@@ -144,10 +145,7 @@ device, device_type, dtype = resolve_device(device, dtype)  # 'auto' resolved, a
 ranks = Ranks(device, device_type)  # this process among torchrun's (distributed.py)
 ddp, ddp_rank, ddp_world_size, master_process = ranks.ddp, ranks.rank, ranks.world_size, ranks.master
 device = ranks.device  # under DDP on GPUs: this rank's, cuda:LOCAL_RANK
-if gradient_accumulation_steps % ddp_world_size != 0:
-    raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} counts micro-steps over all "
-                     f"processes, so it must be divisible by the number of processes ({ddp_world_size})")
-gradient_accumulation_steps //= ddp_world_size  # per process
+gradient_accumulation_steps = ranks.share(gradient_accumulation_steps)  # micro-steps per process
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 
 torch.manual_seed(seed + ddp_rank)  # per-rank seeds; DDP copies rank 0's initial weights to every rank
@@ -183,9 +181,9 @@ def get_batch(split, generator):
     return x.to(device), y.to(device)
 
 
-# model: from scratch, from out_dir/ckpt.pt (or ckpt_prev.pt, the checkpoint before it, if ckpt.pt is damaged), or
-# grown from another run's
-run = RunDir(out_dir)
+# model: from scratch, from out_dir/ckpt.pt (ckpt_prev.pt if ckpt.pt is damaged), or grown from another run's
+run = RunDir(out_dir, wandb_init=dict(project=wandb_project, name=wandb_run_name or None, config=config) if wandb_log
+             else None)  # out_dir's life, and with --wandb_log=True the same records on wandb (run_dir.py)
 say = print if master_process else lambda line: None
 iter_num, best_val_loss, train_seconds = 0, float('inf'), 0.0
 checkpoint = None
@@ -195,24 +193,20 @@ if init_from == 'resume':
     model = model_from(checkpoint, path)  # the model's shape comes from the checkpoint, everything else from this run
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     train_seconds = checkpoint['train_seconds']
+elif init_from == 'grow':  # a new run at iter 0, from a deeper copy of grow_from's model (grow.py)
+    model = grow_checkpoint(grow_from, grow_method, grow_k, grow_init, grow_m, say=say)
 else:
     model_args = {f.name: config[f.name] for f in fields(SubLLMConfig) if f.name in config}  # the settings named so
     model_args.update(vocab_size=64 * math.ceil(meta['vocab_size'] / 64),  # a multiple of 64 is faster (50257 -> 50304)
                       n_kv_head=n_kv_head or None, ffn_hidden=ffn_hidden or None)
-    if init_from == 'grow':
-        model_args, grown_weights = grow_checkpoint(grow_from, grow_method, grow_k, grow_init, grow_m, say=say)
     try:
         model = SubLLM(SubLLMConfig(**model_args))
     except (TypeError, ValueError) as e:
         raise SystemExit(f"bad model settings: {e}") from None
-    if init_from == 'grow':
-        model.load_state_dict(grown_weights)
-        grown_weights = None  # free the memory
 vocab_size = model.config.vocab_size
 if meta['vocab_size'] > vocab_size:  # (a model from scratch always fits)
-    which = 'checkpoint' if init_from == 'resume' else 'grown'
-    raise SystemExit(f"the data's vocab ({meta['vocab_size']}) is larger than the {which} model's ({vocab_size}): "
-                     f"{init_from} on the dataset it was trained on")
+    raise SystemExit(f"the data's vocab ({meta['vocab_size']}) is larger than the model's ({vocab_size}): "
+                     f"--init_from={init_from} needs the dataset that model was trained on")
 if block_size > model.config.block_size:
     raise SystemExit(f"block_size={block_size} is longer than the checkpoint model's ({model.config.block_size})")
 model.to(device)
@@ -227,18 +221,10 @@ if master_process:
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # fp16 needs loss scaling; bf16 does not
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if checkpoint is not None:
-    try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scaler.load_state_dict(checkpoint['scaler'])
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"the optimizer state in {path} does not fit this model ({first_line(e)}): was it saved by "
-                         f"another version of train.py?") from None
 
 raw_model = model  # the plain module: evals, checkpoints, set_step and MFU use it
 if use_compile:
-    if master_process:
-        print("compiling the model (the first iteration takes a minute or so)")
+    say("compiling the model (the first iteration takes a minute or so)")
     try:
         if est:  # each block on its own: EST's skipped blocks stay Python between the graphs, no recompile per step
             if not hasattr(torch.compiler, 'set_stance'):
@@ -255,17 +241,14 @@ if est and 'R' in raw_model.config.structure:
     raise SystemExit("--est=True does not support recurrent blocks ('R' in the structure): train it without est")
 
 
-# out_dir: one run at a time. Rank 0 takes out_dir/train.lock from here until it exits; a second run on the same
-# out_dir is refused, and so is a new run in an out_dir that holds another run's checkpoint or log, unless
-# --overwrite=True (run_dir.py). Under DDP the other ranks learn of a refusal below.
+# out_dir: one run at a time, and not over another run's checkpoint (run_dir.py); rank 0 tells the others below
 refusal = run.claim(init_from == 'resume', overwrite) if master_process and not eval_only else None  # see leave_if
 model = ranks.wrap(model, find_unused_parameters=est)  # DDP under torchrun (EST: some blocks get no gradient)
 
 
 def leave(message=None):
-    """End the run on every rank at once; all ranks call it at the same point. With a message, every rank exits 1
-    and rank 0 prints it (one line). The lock goes (atexit would free it too; this frees it for a next run in this
-    same process: tests run train.py so), and so do the signal handlers of run.catch_preemption."""
+    """End the run on every rank at once (all call it at the same point), releasing out_dir first; with a message,
+    every rank exits 1 and rank 0 prints it (one line)."""
     global model
     run.release()
     if ddp:  # free the DDP wrapper (its reducer holds gloo work) while the interpreter is whole: freed at exit
@@ -286,17 +269,13 @@ flops_per_iter_dense = 3 * forward_flops(raw_model, block_size) * (tokens_per_it
 flops_spent = 0.0 if checkpoint is None else checkpoint.get('flops', iter_num * flops_per_iter_dense)
 
 
-def stage_at(it):
-    """EST's stage of iteration it: 1, 2 or 3 (the full model)."""
-    return est_stage(it, max_iters, est_stage1_end, est_stage2_end)
-
-
+stage_at = partial(est_stage, max_iters=max_iters, stage1_end=est_stage1_end, stage2_end=est_stage2_end)  # 1, 2, 3
 if est:
     say(est_plan(max_iters, est_stage1_end, est_stage2_end, est_p_heads, est_p_units, est_p_layers))
 
-# the resumed process's own state; resumed_at: the iter whose eval the checkpoint holds (not after a preemption)
-resumed_at = None if checkpoint is None else restore(checkpoint, ddp_rank, ddp_world_size, train_gen,
-                                                    device_type == 'cuda', levels, seed, say)
+# a resumed run: the optimizer, and this process's own state; resumed_at: the iter whose eval the checkpoint holds
+resumed_at = None if checkpoint is None else restore(checkpoint, path, optimizer, scaler, ddp_rank, ddp_world_size,
+                                                    train_gen, device_type == 'cuda', levels, seed, say)
 checkpoint = None  # free the memory
 
 
@@ -317,6 +296,8 @@ def estimate_loss():
     """Mean loss of each split over eval_iters batches, the same batches at every eval so that evals compare, in
     eval mode (the inference path). For SUBLLM also val_loss_train_selection, the same val batches with the
     training-time selection (train mode, no gradients), and per level the fractions kept and agreeing (run_dir.py)."""
+    # positive tokens that the training steps since the last eval skipped, per level (on this process)
+    dropped = [drop / max(1, seen) for _, seen, _, drop in raw_model.selection_stats()]
     out = {}
     set_subnetwork(raw_model, None)  # EST: always evaluate the full model; the next step sets its own
     offsets = [level.score_offset.clone() for level in levels]  # a train-mode forward moves them: put them back
@@ -339,6 +320,7 @@ def estimate_loss():
             out['val_loss_train_selection'] = losses_train_selection.mean().item()
             out['kept'] = [kept / max(1, seen) for _, seen, kept in raw_model.level_stats()]  # of the parent's tokens
             out['agree'] = [agree / max(1, seen) for _, seen, agree, _ in raw_model.selection_stats()]
+            out['dropped'] = dropped
     for level, offset in zip(levels, offsets):
         level.score_offset.copy_(offset)
     raw_model.reset_level_stats()  # the training steps until the next eval count from zero
@@ -384,12 +366,9 @@ while True:
             if device_type == 'cuda':
                 torch.cuda.synchronize()
             train_seconds += time.time() - t_train
-            # positive tokens that the training steps since the last eval skipped, per level (on this process)
-            dropped = [drop / max(1, seen) for _, seen, _, drop in raw_model.selection_stats()]
             losses = estimate_loss()
             line = f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
             if levels:
-                losses['dropped'] = dropped
                 line += (f", val loss with {raw_model.config.selection} selection "
                          f"{losses['val_loss_train_selection']:.4f}")
                 for name in ('kept', 'agree', 'dropped'):
