@@ -37,9 +37,10 @@ uses; or the rows of parquet/JSONL files) are each followed by the tokenizer's e
 Shard sets: val_000000.bin holds the first val_tokens (default 10M; a corpus of fewer than 20M tokens gets ~1%,
 at least 4096) tokens, then come train shards of shard_tokens (default 100M) each, until the documents end or
 max_tokens (val included) are written. Documents are read in batches (parquet one row group at a time), so memory
-stays flat whatever the corpus size, and tokenized by num_proc processes (0: all cores). Each shard is written to a temp file and renamed, and meta.json records where
-the next shard starts: run the same command again after an interruption (Ctrl-C, kill -9, a lost connection) and
-it keeps the finished shards and downloads and writes what an uninterrupted run writes.
+stays flat whatever the corpus size, and tokenized by num_proc processes (0: all cores). Each shard is written to a
+temp file and renamed, and meta.json records where the next shard starts: run the same command again after an
+interruption (Ctrl-C, kill -9, a lost connection) and it keeps the finished shards and downloads and writes what an
+uninterrupted run writes.
 Parquet needs pyarrow (pip install pyarrow). Downloads come from $HF_ENDPOINT (default https://huggingface.co).
 """
 import errno

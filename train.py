@@ -106,8 +106,8 @@ est_p_heads = 0.5               # stages 1 and 2: fraction of the KV groups (wit
 est_p_units = 0.5               # stages 1 and 2: fraction of the SwiGLU hidden units a block runs
 est_p_layers = 0.5              # stage 1: fraction of the blocks that run (first, last and one per level always do)
 # Weights & Biases, as nanoGPT (optional: pip install wandb): rank 0 sends it what log.jsonl gets
-wandb_log = False
-wandb_project = 'subllm'
+wandb_log = False               # True: rank 0 sends each eval's record to wandb
+wandb_project = 'subllm'        # the wandb project of the run
 wandb_run_name = ''             # '': wandb picks one
 
 # -----------------------------------------------------------------------------
@@ -221,6 +221,9 @@ if master_process:
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # fp16 needs loss scaling; bf16 does not
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+# a resumed run: the optimizer, and this process's own state; resumed_at: the iter whose eval the checkpoint holds
+resumed_at = None if checkpoint is None else restore(checkpoint, path, optimizer, scaler, ddp_rank, ddp_world_size,
+                                                    train_gen, device_type == 'cuda', levels, seed, say)
 
 raw_model = model  # the plain module: evals, checkpoints, set_step and MFU use it
 if use_compile:
@@ -267,16 +270,13 @@ def leave_if(message):
 leave_if(refusal)  # another run holds out_dir, or it holds another run's checkpoint (run.claim)
 flops_per_iter_dense = 3 * forward_flops(raw_model, block_size) * (tokens_per_iter // block_size)  # bwd = 2x fwd
 flops_spent = 0.0 if checkpoint is None else checkpoint.get('flops', iter_num * flops_per_iter_dense)
+checkpoint = None  # free the memory
 
 
 stage_at = partial(est_stage, max_iters=max_iters, stage1_end=est_stage1_end, stage2_end=est_stage2_end)  # 1, 2, 3
 if est:
     say(est_plan(max_iters, est_stage1_end, est_stage2_end, est_p_heads, est_p_units, est_p_layers))
 
-# a resumed run: the optimizer, and this process's own state; resumed_at: the iter whose eval the checkpoint holds
-resumed_at = None if checkpoint is None else restore(checkpoint, path, optimizer, scaler, ddp_rank, ddp_world_size,
-                                                    train_gen, device_type == 'cuda', levels, seed, say)
-checkpoint = None  # free the memory
 
 
 def get_lr(it):
