@@ -240,7 +240,6 @@ if use_compile:
             model = torch.compile(model)
     except RuntimeError as e:  # e.g. a Python version that this torch's compiler does not support yet
         raise SystemExit(f"torch.compile failed ({str(e).strip().splitlines()[0]}): run with --compile=False") from None
-# Evolving Subnetwork Training: the sub-network of each step, and the training FLOPs it spends
 if est and 'R' in raw_model.config.structure:
     raise SystemExit("--est=True does not support recurrent blocks ('R' in the structure): train it without est")
 
