@@ -19,8 +19,8 @@ import os
 import numpy as np
 import torch
 
-from configurator import configure, load_checkpoint
-from model import SubLLMConfig, SubLLM
+from configurator import configure
+from run_dir import load_checkpoint, model_from
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'         # reads out_dir/ckpt.pt
@@ -32,8 +32,7 @@ json = ''               # also write the table as JSON to this path
 configure(globals())
 
 checkpoint, ckpt_path = load_checkpoint(out_dir, ('model', 'model_args', 'config'))
-model = SubLLM(SubLLMConfig(**checkpoint['model_args']))
-model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+model = model_from(checkpoint, ckpt_path)  # one line when it does not fit this model.py
 model.eval()
 levels = model.levels()
 if not levels:

@@ -552,6 +552,17 @@ class SubLLM(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights are one parameter, counted once
 
+    def describe(self):
+        """What this model is, in one line: SUBLLM (its levels), recurrent, or the LLaMA baseline."""
+        c, levels = self.config, self.levels()
+        if levels:
+            return (f"SUBLLM, structure {c.structure}, keep ratio per level (depth): "
+                    + ', '.join(f"{lv.keep_ratio:g} (d{lv.depth})" for lv in levels))
+        if 'R' in c.structure:
+            return (f"recurrent, structure {c.structure}, window {c.rec_window}, alpha {c.rec_alpha:g}"
+                    + (" (learned)" if c.rec_learn_alpha else " (forget)" if c.rec_alpha == 0 else ""))
+        return f"LLaMA baseline, structure {c.structure} (no subsampled levels)"
+
     def set_step(self, step, max_steps=None):
         """Advance the training schedules: bypass c_min 0.9 -> 0.2, balancer probability 1.0 -> 0.25, linearly.
         Their lengths are for a ~100k-step run; a run of max_steps < 100k shrinks them in proportion."""
