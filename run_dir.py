@@ -27,7 +27,8 @@ FLOPs of each step, each block counted with the tokens it sees, as flops.forward
 val_loss (eval mode: a level keeps the tokens whose score is > 0, as in inference), and for SUBLLM, per level where
 it is a list: val_loss_train_selection (the same val batches with the training-time selection: top-k, or
 threshold in its fixed capacity), kept (the fraction of its parent's tokens a level kept on those val batches in eval
-mode), agree (the fraction of tokens on which the training-time selection picks as `score > 0` does, on those val
+mode; kept_train: the same on the train batches of the eval, a larger and more varied sample than a small val
+split), agree (the fraction of tokens on which the training-time selection picks as `score > 0` does, on those val
 batches) and dropped (in the training steps since the last eval, the fraction of a level's tokens with a positive
 score that the training selection skipped: below the top-k cut, or past the capacity). With --est=True also stage
 and flops_dense (what dense training spends).

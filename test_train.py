@@ -89,8 +89,10 @@ def test_loss_falls_on_a_repeated_batch_and_checkpoint_has_what_sample_needs(mon
     if structure == 'TTTTTT':  # the LLaMA baseline: same script, no levels
         assert set(log[-1]) == fields
     else:
-        assert set(log[-1]) == fields | {'val_loss_train_selection', 'kept', 'agree', 'dropped'}
-        assert len(log[-1]['kept']) == 2 and all(0 <= k <= 1 for k in log[-1]['kept'])
+        assert set(log[-1]) == fields | {'val_loss_train_selection', 'kept', 'kept_train', 'agree', 'dropped'}
+        for key in ('kept', 'kept_train'):
+            assert len(log[-1][key]) == 2 and all(0 <= k <= 1 for k in log[-1][key])
+        assert log[-1]['kept'] != log[-1]['kept_train']  # two samples: the val batches and the train batches
 
     # the checkpoint and the one before it (saved at iters 20 and 30); no ckpt.pt.tmp, no train.lock left behind
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'ckpt_prev.pt', 'log.jsonl']

@@ -278,7 +278,6 @@ if est:
     say(est_plan(max_iters, est_stage1_end, est_stage2_end, est_p_heads, est_p_units, est_p_layers))
 
 
-
 def get_lr(it):
     """Linear warmup for warmup_iters, then cosine decay down to min_lr at lr_decay_iters, then min_lr."""
     decay_iters = lr_decay_iters or max_iters
@@ -316,9 +315,10 @@ def estimate_loss():
                     with ctx:
                         losses_train_selection[k] = raw_model(X, Y)[1].item()
             out[f'{split}_loss'] = losses.mean().item()
+            if levels:  # each level's share of its parent's tokens in eval mode: on val batches, and on train's
+                out['kept' if split == 'val' else 'kept_train'] = [k / max(1, n) for _, n, k in raw_model.level_stats()]
         if levels:
             out['val_loss_train_selection'] = losses_train_selection.mean().item()
-            out['kept'] = [kept / max(1, seen) for _, seen, kept in raw_model.level_stats()]  # of the parent's tokens
             out['agree'] = [agree / max(1, seen) for _, seen, agree, _ in raw_model.selection_stats()]
             out['dropped'] = dropped
     for level, offset in zip(levels, offsets):
@@ -371,7 +371,7 @@ while True:
             if levels:
                 line += (f", val loss with {raw_model.config.selection} selection "
                          f"{losses['val_loss_train_selection']:.4f}")
-                for name in ('kept', 'agree', 'dropped'):
+                for name in ('kept', 'agree', 'dropped', 'kept_train'):
                     line += f", {name} " + ' '.join(f"d{lv.depth} {v:.3f}" for lv, v in zip(levels, losses[name]))
             print(line, flush=True)
             if not all(map(math.isfinite, [losses['train_loss'], losses['val_loss']])):
