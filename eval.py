@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import check_ranges, configure, load_checkpoint
+from configurator import check_ranges, configure, first_line, load_checkpoint
 from model import SubLLMConfig, SubLLM
 from prepare import get_tokenizer
 
@@ -100,7 +100,7 @@ class HarnessLM(LM):
         super().__init__()
         self.model, self.tok, self.batch_size, self.autocast = model.eval(), tok, batch_size, autocast
         self.block_size = model.config.block_size
-        self._device = model.lm_head.weight.device
+        self.model_device = model.lm_head.weight.device  # (lm-eval 0.4.13 has a read-only `device`)
         self.n_requests, self.seconds = 0, 0.0  # for the throughput line
 
     def encode_pair(self, context, continuation):
@@ -135,8 +135,8 @@ class HarnessLM(LM):
                    for w in score_windows(tokens, start, self.block_size)]
         windows.sort(key=lambda w: w[2] - w[1], reverse=True)
         logprob, greedy = [0.0] * len(sequences), [True] * len(sequences)
-        for b in tqdm(range(0, len(windows), self.batch_size), desc=desc, disable=disable_tqdm,
-                      unit_scale=self.batch_size, unit='window'):
+        progress = tqdm(total=len(windows), desc=desc, unit='window', disable=disable_tqdm)
+        for b in range(0, len(windows), self.batch_size):
             batch = windows[b:b + self.batch_size]
             T = batch[0][2] - batch[0][1]  # the longest
             x = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T) inputs, padded with token 0 (never read)
@@ -145,7 +145,7 @@ class HarnessLM(LM):
                 tokens = sequences[s][0]
                 x[row, :last - first] = torch.tensor(tokens[first:last])
                 y[row, last - first - n:last - first] = torch.tensor(tokens[last - n + 1:last + 1])
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x.to(self.model_device), y.to(self.model_device)
             with self.autocast:
                 logits, _ = self.model(x, y)  # (B, T, V): with targets the model returns every position's logits
             scored = y >= 0
@@ -157,6 +157,8 @@ class HarnessLM(LM):
                 s = batch[row][0]
                 logprob[s] += lp
                 greedy[s] = greedy[s] and hit
+            progress.update(len(batch))
+        progress.close()
         self.n_requests += len(sequences)
         self.seconds += time.perf_counter() - t0
         return list(zip(logprob, greedy))
@@ -191,7 +193,7 @@ class HarnessLM(LM):
         new = []
         try:
             with self.autocast:
-                logits, _ = model(torch.tensor([ids], device=self.device))  # the prefill: (1, 1, V)
+                logits, _ = model(torch.tensor([ids], device=self.model_device))  # the prefill: (1, 1, V)
                 for i in range(max_new):
                     token = logits[0, -1].argmax()
                     if token.item() == self.tok.eot_token:
@@ -219,6 +221,8 @@ def main():
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device_type = device.split(':')[0]
+    if device_type not in ('cpu', 'cuda', 'mps'):
+        raise SystemExit(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
     if device_type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f"--device={device}, but this torch sees no CUDA GPU: use --device=cpu")
     dtype_name = dtype if dtype != 'auto' else 'float32' if device_type != 'cuda' else \
@@ -227,10 +231,11 @@ def main():
         raise SystemExit(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     autocast = nullcontext() if dtype_name == 'float32' else torch.autocast(device_type, getattr(torch, dtype_name))
 
+    # one simple_evaluate call per shot count: (task names, shots; None: each task's default)
     names = [t.strip() for t in tasks.split(',') if t.strip()]
-    runs = [(n, shots) for n, shots in PAPER_TASKS if 'paper' in names]  # (tasks, shots) per simple_evaluate call
     if 'paper' in names and num_fewshot != -1:
         raise SystemExit("--tasks=paper runs each benchmark at the paper's shot count: leave --num_fewshot out")
+    runs = [([name], shots) for name, shots in PAPER_TASKS] if 'paper' in names else []
     others = [n for n in names if n != 'paper']
     if others:
         runs.append((others, None if num_fewshot == -1 else num_fewshot))
@@ -240,22 +245,26 @@ def main():
         raise SystemExit(f"--include_path={include_path} is not a folder (of lm-eval task YAML files)")
     if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
         raise SystemExit(f"--json={json}: there is no folder {os.path.dirname(os.path.abspath(json))} to write it in")
+    lm = HarnessLM(*load_model(out_dir, device), batch_size=batch_size, autocast=autocast)
+    needed = [n for run_tasks, _ in runs for n in run_tasks]
     own = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
-    if own and 'paper' not in names and set(others) <= set(own.all_tasks):
+    if own and set(needed) <= set(own.all_tasks):
         task_manager = own  # only your own tasks: lm-eval's need not be indexed (10 s)
     else:
         task_manager = TaskManager(include_path=include_path or None)
-    unknown = [n for n in others if n not in task_manager.all_tasks and not os.path.isfile(n)]
+    unknown = [n for n in needed if n not in task_manager.all_tasks and not os.path.isfile(n)]
     if unknown:
         raise SystemExit(f"unknown task {', '.join(unknown)}: `lm-eval ls tasks` lists lm-eval's names; "
                          f"your own YAML files go in a folder given as --include_path")
 
-    lm = HarnessLM(*load_model(out_dir, device), batch_size=batch_size, autocast=autocast)
     results = None
     for run_tasks, shots in runs:
-        out = lm_eval.simple_evaluate(model=lm, tasks=run_tasks if isinstance(run_tasks, list) else [run_tasks],
-                                      num_fewshot=shots, limit=limit or None, task_manager=task_manager,
-                                      log_samples=False)
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=run_tasks, num_fewshot=shots, limit=limit or None,
+                                          task_manager=task_manager, log_samples=False)
+        except OSError as e:  # datasets' ConnectionError (offline, the hub down), a task's missing data file
+            raise SystemExit(f"a task's data could not be loaded ({type(e).__name__}: {first_line(e)}): the data sets "
+                             f"come from the Hugging Face hub on first use, then from its cache") from None
         results = out if results is None else merge(results, out)
     print(make_table(results))
     if results.get('groups'):

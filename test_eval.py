@@ -262,6 +262,19 @@ def test_eval_py_end_to_end_prints_the_table_and_writes_json(ckpts, task_dir, tm
     assert 0.0 <= results['tiny_gen']['exact_match,none'] <= 1.0
 
 
+def test_paper_runs_each_benchmark_at_its_shot_count_into_one_table(ckpts, task_dir, tmp_path, monkeypatch, capsys):
+    import eval as script  # main() reads the settings from eval.py's globals
+    path = tmp_path / 'paper.json'
+    for key, value in dict(out_dir=ckpts['subllm'], tasks='paper', include_path=task_dir, json=str(path),
+                           device='cpu', PAPER_TASKS=[('tiny_mc', 1), ('tiny_gen', 0)]).items():
+        monkeypatch.setattr(script, key, value)  # the paper's three benchmarks stand in for local ones
+    script.main()
+    out = json.loads(path.read_text())
+    assert out['n-shot'] == {'tiny_mc': 1, 'tiny_gen': 0} and set(out['results']) == {'tiny_mc', 'tiny_gen'}
+    table = capsys.readouterr().out
+    assert '|tiny_mc ' in table and '|tiny_gen' in table
+
+
 @pytest.mark.parametrize('args, message', [
     (['--out_dir=nowhere'], "no checkpoint at nowhere/ckpt.pt: train a model first"),
     (['--tasks=paper', '--num_fewshot=5'], "--tasks=paper runs each benchmark at the paper's shot count"),
