@@ -104,15 +104,15 @@ class HarnessLM(LM):
         self.n_requests, self.seconds = 0, 0.0  # for the throughput line
 
     def encode_pair(self, context, continuation):
-        """(context ids, continuation ids) as lm-eval's own models split them: trailing spaces of the context go to
-        the continuation, the pair is encoded whole and split where the context's own encoding ends (BPE merges
-        across the boundary stay as they would be in the text). An empty context is the end-of-text token."""
-        if not context:
-            return [self.tok.eot_token], self.tok.encode(continuation)
+        """(context ids, continuation ids) as lm-eval's own models split them: trailing whitespace of the context
+        goes to the continuation, the pair is encoded whole and split where the context's own encoding ends (BPE
+        merges across the boundary stay as they would be in the text). An empty context is the end-of-text token."""
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         whole, context_ids = self.tok.encode(context + continuation), self.tok.encode(context)
+        if not context_ids:
+            return [self.tok.eot_token], whole
         return context_ids, whole[len(context_ids):]
 
     def loglikelihood(self, requests, disable_tqdm=False):
@@ -139,7 +139,7 @@ class HarnessLM(LM):
         for b in range(0, len(windows), self.batch_size):
             batch = windows[b:b + self.batch_size]
             T = batch[0][2] - batch[0][1]  # the longest
-            x = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T) inputs, padded with token 0 (never read)
+            x = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T) inputs, padded with token 0 after the end
             y = torch.full((len(batch), T), -1, dtype=torch.long)  # (B, T) targets where scored, else -1
             for row, (s, first, last, n) in enumerate(batch):
                 tokens = sequences[s][0]
@@ -172,7 +172,8 @@ class HarnessLM(LM):
         for request in tqdm(requests, desc='generate_until', disable=disable_tqdm):
             context, kwargs = request.args
             if kwargs.get('do_sample'):
-                raise ValueError(f"eval.py decodes greedily, but a task asks for sampling ({kwargs})")
+                raise SystemExit(f"eval.py decodes greedily, but a task asks for sampling ({kwargs}): leave that "
+                                 f"task out, or override its generation_kwargs in your own YAML (--include_path)")
             until = kwargs.get('until') or []
             until = [until] if isinstance(until, str) else until
             max_new = min(kwargs.get('max_gen_toks', 256), self.block_size - 1)

@@ -29,7 +29,8 @@ TEXT = ("The cat sat on the mat. The dog ran to the park. Two plus two is four. 
 QUESTIONS = [('The cat sat on the', [' mat', ' park', ' sky'], 0), ('The dog ran to the', [' mat', ' park'], 1),
              ('Two plus two is', [' blue', ' four', ' cat'], 1), ('The sky is', [' blue', ' four'], 0),
              ('', [' The cat', ' four'], 0),  # no context
-             ('The dog ran to the ', ['park', 'mat'], 0)]  # a trailing space
+             ('The dog ran to the ', ['park', 'mat'], 0),  # a trailing space
+             ('The cat sat on the mat.\n', ['The dog', 'The sky'], 0), ('\n', ['The cat', 'Two'], 0)]  # newlines
 GENERATE = [('What color is the sky?', 'blue'), ('What sat on the mat?', 'the cat'),
             ('What ran to the park?', 'the dog')]
 
@@ -137,9 +138,9 @@ def direct_logprob(model, tokens, n):
 
 
 def expected_loglikelihood(model, tok, context, continuation):
-    """lm-eval's convention (a trailing space of the context goes to the continuation; an empty context is the
+    """lm-eval's convention (trailing whitespace of the context goes to the continuation; an empty context is the
     end-of-text token), then direct_logprob."""
-    ctx = context.rstrip(' ')
+    ctx = context.rstrip()
     cont = context[len(ctx):] + continuation
     ctx_ids = tok.encode(ctx) or [tok.eot_token]
     return direct_logprob(model, ctx_ids + tok.encode(cont), len(tok.encode(cont)))
@@ -237,7 +238,7 @@ def test_simple_evaluate_scores_local_tasks_as_computed_by_hand(ckpts, task_dir)
         assert [lp for lp, _ in sample['filtered_resps']] == pytest.approx(scores, abs=1e-4)
         assert sample['arguments'][0][0].count('\n\n') == 2  # two examples before the question
         correct.append(int(np.argmax(scores)) == sample['target'])
-    assert len(correct) == 5 and out['results']['tiny_mc']['acc,none'] == pytest.approx(np.mean(correct))
+    assert len(correct) == 7 and out['results']['tiny_mc']['acc,none'] == pytest.approx(np.mean(correct))
     matches = []
     for sample in out['samples']['tiny_gen']:  # greedy through model.generate, cut at the stop string
         (prompt, kwargs), = sample['arguments']
