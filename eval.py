@@ -101,7 +101,7 @@ class HarnessLM(LM):
         self.model, self.tok, self.batch_size, self.autocast = model.eval(), tok, batch_size, autocast
         self.block_size = model.config.block_size
         self.model_device = model.lm_head.weight.device  # (lm-eval 0.4.13 has a read-only `device`)
-        self.n_requests, self.seconds = 0, 0.0  # for the throughput line
+        self.timing = {}  # request kind -> (requests, seconds): the throughput lines
 
     def encode_pair(self, context, continuation):
         """(context ids, continuation ids) as lm-eval's own models split them: trailing whitespace of the context
@@ -159,8 +159,7 @@ class HarnessLM(LM):
                 greedy[s] = greedy[s] and hit
             progress.update(len(batch))
         progress.close()
-        self.n_requests += len(sequences)
-        self.seconds += time.perf_counter() - t0
+        self.timed(desc, len(sequences), t0)
         return list(zip(logprob, greedy))
 
     def generate_until(self, requests, disable_tqdm=False):
@@ -181,9 +180,12 @@ class HarnessLM(LM):
             new = self.greedy(ids, max_new, until)
             text = self.tok.decode([t for t in new if t < self.tok.vocab_size])  # padded vocab ids: never trained
             answers.append(min((text.split(s)[0] for s in until), key=len, default=text))
-        self.n_requests += len(requests)
-        self.seconds += time.perf_counter() - t0
+        self.timed('generate_until', len(requests), t0)
         return answers
+
+    def timed(self, kind, n, t0):
+        requests, seconds = self.timing.get(kind, (0, 0.0))
+        self.timing[kind] = (requests + n, seconds + time.perf_counter() - t0)
 
     @torch.no_grad()
     def greedy(self, ids, max_new, until):
@@ -270,8 +272,9 @@ def main():
     print(make_table(results))
     if results.get('groups'):
         print(make_table(results, 'groups'))
-    speed = f"{lm.n_requests / lm.seconds:.1f} requests/s" if lm.seconds > 0 else "too fast to time"
-    print(f"{lm.n_requests} requests in {lm.seconds:.1f} s of model time: {speed} (batch_size {batch_size}, {device})")
+    for kind, (n, seconds) in lm.timing.items():
+        speed = f"{n / seconds:.1f} requests/s" if seconds > 0 else "too fast to time"
+        print(f"{kind}: {n} requests in {seconds:.1f} s, {speed} (batch_size {batch_size}, {device})")
     if json:
         tmp = json + '.tmp'
         with open(tmp, 'w') as f:

@@ -60,11 +60,16 @@ def train_checkpoint(root, name, structure):
 
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
-    """Trained tiny checkpoints: SUBLLM, its LLaMA twin, a recurrent structure."""
+    """Trained tiny checkpoints: SUBLLM, its LLaMA twin, a recurrent structure (on one thread, as conftest.py's
+    tests run: a module fixture is set up before it)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp('eval')
-    return {name: train_checkpoint(root, name, structure) for name, structure in
-            [('subllm', 'TT(T(T)T)T'), ('llama', 'TTTTTT'), ('recurrent', 'TRT')]}
+    try:
+        return {name: train_checkpoint(root, name, structure) for name, structure in
+                [('subllm', 'TT(T(T)T)T'), ('llama', 'TTTTTT'), ('recurrent', 'TRT')]}
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
@@ -257,7 +262,8 @@ def test_eval_py_end_to_end_prints_the_table_and_writes_json(ckpts, task_dir, tm
                                       f'--include_path={task_dir}', f'--json={path}', '--device=cpu', '--batch_size=4'])
     runpy.run_path(os.path.join(HERE, 'eval.py'), run_name='__main__')
     out = capsys.readouterr().out
-    assert '|tiny_mc ' in out and '|tiny_gen' in out and 'requests/s' in out
+    assert '|tiny_mc ' in out and '|tiny_gen' in out
+    assert 'loglikelihood: 16 requests in' in out and 'generate_until: 3 requests in' in out
     results = json.loads(path.read_text())['results']
     assert set(results) == {'tiny_mc', 'tiny_gen'}
     assert 0.0 <= results['tiny_gen']['exact_match,none'] <= 1.0
