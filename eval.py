@@ -191,11 +191,10 @@ class HarnessLM(LM):
     def greedy(self, ids, max_new, until):
         """Up to max_new tokens after ids, each the argmax, through the per-level KV cache (as model.generate with
         top_k=1 does); stops early at the end-of-text token or once the text holds a stop string."""
-        model = self.model
-        model.setup_cache(1, len(ids) + max_new)
-        new = []
-        try:
-            with self.autocast:
+        model, new = self.model, []
+        with self.autocast:  # the cache takes autocast's dtype (bf16 on a GPU), as in model.generate
+            model.setup_cache(1, len(ids) + max_new)
+            try:
                 logits, _ = model(torch.tensor([ids], device=self.model_device))  # the prefill: (1, 1, V)
                 for i in range(max_new):
                     token = logits[0, -1].argmax()
@@ -206,8 +205,8 @@ class HarnessLM(LM):
                         break
                     if i < max_new - 1:
                         logits, _ = model(token.view(1, 1))
-        finally:
-            model.setup_cache(None, None)
+            finally:
+                model.setup_cache(None, None)
         return new
 
 
