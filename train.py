@@ -85,7 +85,8 @@ selection = 'topk'              # training-time selection: 'topk' (the paper) or
 capacity_slack = 0.25           # threshold: room for keep * T * (1 + slack) tokens per level; the rest skip
 scorer_norm = True              # the scorer reads rms_norm(x); False: the raw x, as the paper (an ablation)
 balancer = 'spec'               # 'spec' (Zipformer's gain 0.04) or 'strong' (count gain 10; docs/quality.md)
-running_cut = True              # subtract the running top-k cut from the scores; False: an ablation
+running_cut = 'batch'           # the running top-k cut subtracted from the scores: of the 'batch', the mean of its
+                                # 'rows' (the runs before docs/quality.md's round two), or 'off' (an ablation)
 rope_theta = 10000.0
 norm_eps = 1e-5
 tie_embeddings = False
