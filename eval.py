@@ -17,6 +17,8 @@ after its question: multiple choice), loglikelihood_rolling (of whole documents:
 (greedy decoding up to a task's stop strings). Scoring runs in batches of windows sorted by length, right-padded:
 the eval-mode selection of a level (`score > 0`, token by token) is causal like attention, so padding after a
 sequence changes none of its logits. From Python: simple_evaluate(model=HarnessLM(*load_model('out-tiny')), ...).
+(HarnessLM is not registered by name with lm-eval's register_model: lm-eval's command line never imports this file,
+so a registered name could not reach it there.)
 """
 import os
 import time
