@@ -47,6 +47,7 @@ import torch
 
 from configurator import first_line
 from model import SubLLM, SubLLMConfig
+from tokenizer import get_tokenizer
 
 
 def shown(numbers, limit=5):
@@ -101,6 +102,20 @@ def model_from(checkpoint, path):
     except (TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise SystemExit(f"{path} does not fit this model.py: {' '.join(str(e).split())[:300]}") from None
     return model
+
+
+def load_trained(out_dir):
+    """A trained model to use (sample.py, eval.py): (model, tokenizer, checkpoint, path) from out_dir/ckpt.pt (or
+    ckpt_prev.pt), the model on the CPU, the tokenizer of its data (the checkpoint's meta.json); one line when either
+    is missing or does not fit."""
+    checkpoint, path = load_checkpoint(out_dir, ('model', 'model_args', 'meta'), missing=(
+        f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: train a model first (python train.py config/tiny_cpu.py "
+        f"writes out-tiny/ckpt.pt) or pass --out_dir=DIR of a run that saved one"))
+    model = model_from(checkpoint, path)
+    tok = get_tokenizer(getattr(checkpoint['meta'], 'get', {}.get)('tokenizer'))  # one line if gpt2 cannot load
+    if tok.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"tokenizer {tok.name} has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+    return model, tok, checkpoint, path
 
 
 def read_log(path, fields=(('iter', int),)):

@@ -19,8 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import check_ranges, configure, first_line, resolve_device
-from run_dir import load_checkpoint, model_from
-from tokenizer import get_tokenizer
+from run_dir import load_trained
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'             # reads out_dir/ckpt.pt
@@ -48,13 +47,7 @@ torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere and newer
 torch.manual_seed(seed)
 
 # the model and its tokenizer, from the checkpoint (ckpt_prev.pt, the one before it, if ckpt.pt is damaged)
-checkpoint, ckpt_path = load_checkpoint(out_dir, ('model', 'model_args', 'meta'), missing=(
-    f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: train a model first (python train.py config/tiny_cpu.py "
-    f"writes out-tiny/ckpt.pt) or pass --out_dir=DIR of a run that saved one"))
-model = model_from(checkpoint, ckpt_path)
-tok = get_tokenizer(getattr(checkpoint['meta'], 'get', {}.get)('tokenizer'))  # a PrepareError (one line) when gpt2 cannot load offline
-if tok.vocab_size > model.config.vocab_size:
-    raise SystemExit(f"tokenizer {tok.name} has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+model, tok, checkpoint, ckpt_path = load_trained(out_dir)
 print(f"{ckpt_path}: iter {checkpoint.get('iter_num')}, {model.get_num_params() / 1e6:.2f}M parameters, "
       f"structure {model.config.structure}, {tok.name} tokens")
 checkpoint = None  # free the memory
