@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from flops import forward_flops
-from model import (SubLLM, SubLLMConfig, llama_twin, parse_structure, subsample_topk,
+from model import (Balancer, Bypass, SubLLM, SubLLMConfig, llama_twin, parse_structure, subsample_topk,
                    subsample_threshold, upsample)
 
 V = 64  # vocabulary of the tiny models
@@ -190,17 +190,19 @@ def test_eval_mode_is_causal():
 
 def test_subsample_topk_keeps_ceil_k_in_order():
     torch.manual_seed(0)
-    for T, keep in [(10, 0.5), (11, 0.64), (7, 1.0), (5, 0.1)]:
-        scores = torch.randn(3, T) * 2
+    for T, keep, scale in [(10, 0.5, 2.0), (11, 0.64, 2.0), (7, 1.0, 2.0), (5, 0.1, 2.0), (16, 0.5, 0.4)]:
+        scores = torch.randn(3, T) * scale  # scale 0.4: most scores inside (0, 1), where the weights all differ
         idx, weights = subsample_topk(scores, keep)
         k = math.ceil(keep * T)
         assert idx.shape == weights.shape == (3, k)
         assert torch.all(idx[:, 1:] > idx[:, :-1])  # ascending, no repeats: the short sequence stays causal
         assert torch.equal(idx, scores.topk(k, dim=1).indices.sort(dim=1).values)
-        ranked = scores.sort(dim=1, descending=True).values.clamp(0, 1)  # w = clamp(s_(i)) - clamp(s_(i+k))
-        below = torch.cat([ranked[:, k:], torch.zeros(3, k)], dim=1)[:, :k]
-        assert torch.allclose(weights.sort(dim=1, descending=True).values,
-                              (ranked[:, :k] - below).sort(dim=1, descending=True).values)
+        for b in range(3):  # the weight of the token at each kept position: clamp(s_(i)) - clamp(s_(i+k)), where
+            ranked = scores[b].sort(descending=True)  # i is that token's rank (missing s_(i+k) count as 0)
+            clamped = torch.cat([ranked.values.clamp(0, 1), torch.zeros(k)])
+            rank = {p: i for i, p in enumerate(ranked.indices.tolist())}
+            expected = [clamped[rank[p]] - clamped[rank[p] + k] for p in idx[b].tolist()]
+            assert torch.allclose(weights[b], torch.stack(expected)), (T, keep, b)
 
 
 def test_subsample_threshold_right_pads():
@@ -291,6 +293,62 @@ def test_level_output_is_input_where_a_token_skips():
     assert not torch.allclose(io['out'][0, kept], io['x'][0, kept])
 
 
+def bypass_gate_gradients(c, c_min, push, steps):
+    """The gradient that reaches each channel of a training Bypass's gate c when the loss's gradient is push (one per
+    channel), over this many backward passes: (steps, channels)."""
+    bypass = Bypass(len(c))
+    bypass.c_min.fill_(c_min)
+    with torch.no_grad():
+        bypass.c.copy_(torch.tensor(c))
+    x, u = torch.zeros(1, len(c)), torch.ones(1, len(c))  # out = c
+    grads = []
+    for _ in range(steps):
+        bypass.c.grad = None
+        out = bypass(x, u)
+        assert torch.equal(out[0], bypass.c.detach())  # the forward always uses the raw c
+        out.backward(torch.tensor([push]))
+        grads.append(bypass.c.grad.clone())
+    return torch.stack(grads)
+
+
+def test_bypass_gate_pushed_out_of_its_range_is_turned_back_on_60_percent_of_steps():
+    """SUBLLM.md §6: in training, a gradient that would move c further below c_min or above 1 has its sign flipped
+    on about 60% of the steps; one that moves c back in, or c inside [c_min, 1], is left alone. Seeded: 4000 steps,
+    so a rate outside 0.6 +- 0.05 would be 6 standard deviations off."""
+    torch.manual_seed(0)
+    c = [0.5, 0.5, 0.95, 0.95, 1.2, 1.2]           # below c_min = 0.9, inside, above 1
+    push = [1.0, -1.0, 1.0, -1.0, -1.0, 1.0]        # outward (descent: c - lr * grad), inward, ...
+    grads = bypass_gate_gradients(c, 0.9, push, 4000)
+    flipped = grads == -torch.tensor(push)
+    assert torch.equal(flipped | (grads == torch.tensor(push)), torch.ones_like(flipped))  # only ever the sign
+    rate = flipped.float().mean(0)
+    assert abs(rate[0] - 0.6) < 0.05 and abs(rate[4] - 0.6) < 0.05  # outward: turned back on ~60% of steps
+    assert rate[[1, 2, 3, 5]].tolist() == [0.0] * 4                  # inward or inside: never
+    bypass = Bypass(2).eval()  # eval: c as it is, no autograd.Function in the way
+    with torch.no_grad():
+        bypass.c.copy_(torch.tensor([0.1, 1.5]))
+    assert torch.equal(bypass(torch.zeros(1, 2), torch.ones(1, 2))[0], torch.tensor([0.1, 1.5]))
+
+
+@pytest.mark.parametrize("c_min, start, push", [(0.9, 0.95, 1.0), (0.2, 0.95, -1.0)])
+def test_bypass_gate_pushed_outward_by_training_stays_near_its_range(c_min, start, push):
+    """A task that pulls c out of [c_min, 1] at every step (SGD): it goes out of the range by a few steps at most and
+    comes back, instead of drifting away."""
+    torch.manual_seed(0)
+    bypass = Bypass(1)
+    bypass.c_min.fill_(c_min)
+    with torch.no_grad():
+        bypass.c.fill_(start)
+    lr, seen = 0.002, []
+    for _ in range(600):
+        bypass.c.grad = None
+        bypass(torch.zeros(1, 1), torch.ones(1, 1)).backward(torch.tensor([[push]]))
+        with torch.no_grad():
+            bypass.c -= lr * bypass.c.grad
+        seen.append(bypass.c.item())
+    assert c_min - 20 * lr < min(seen) and max(seen) < 1 + 20 * lr, (min(seen), max(seen))
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_keep_one_all_positive_is_inner_blocks_plus_bypass(training):
     model = build(tiny(structure="T(TT)T", keep_ratio=1.0), weight_scale=1.0).train(training)
@@ -316,6 +374,175 @@ def test_running_offset_tracks_the_top_k_cut():
     before = level.score_offset.clone()
     model(torch.randint(0, V, (2, 10)))
     assert torch.equal(level.score_offset, before)  # only training moves it
+
+
+def test_running_offset_lands_on_the_midpoint_of_the_cut_of_each_row():
+    """A full step (momentum 1) moves the offset by the mean, over the rows that have a cut, of the midpoint between
+    a row's k-th and (k+1)-th largest real score, k = ceil(keep * real tokens): padding is not ranked, and a row
+    that keeps all its real tokens has no cut and adds nothing."""
+    level = build(tiny(keep_ratio=0.6)).levels()[0]
+    scores = torch.tensor([[0.3, -1.0, 2.0, 0.9, -0.2, 1.5, 0.1, -3.0, 0.7, 0.0],  # 10 real: k 6, 6th 0.1, 7th 0.0
+                           [5.0, 4.0, -2.0, 1.0, 3.0, 9.0, 9.0, 9.0, 9.0, 9.0],    # 5 real: k 3, 3rd 3.0, 4th 1.0
+                           [1.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0]])   # 1 real: k 1 = n, no cut
+    valid = torch.tensor([[True] * 10, [True] * 5 + [False] * 5, [True] + [False] * 9])
+    level.score_offset.fill_(0.5)
+    level.track_cut(scores, valid, momentum=1.0)
+    assert level.score_offset.item() == pytest.approx(0.5 + ((0.1 + 0.0) / 2 + (3.0 + 1.0) / 2) / 2)
+    level.score_offset.zero_()
+    level.track_cut(scores[:1], momentum=0.25)  # a partial step: that fraction of the way
+    assert level.score_offset.item() == pytest.approx(0.25 * 0.05)
+
+
+@pytest.mark.parametrize("keep", [0.6, 0.64, 0.75, 0.3])
+def test_running_cut_is_at_the_k_that_top_k_keeps(keep):
+    """The cut is between the k-th and (k+1)-th score for the same k = ceil(keep * T) that subsample_topk keeps, also
+    where keep * T is a whole number that float32 rounds up (0.6 * 25)."""
+    level = build(tiny(keep_ratio=keep)).levels()[0]
+    for T in (10, 16, 25, 50, 64, 100):
+        scores = torch.randn(2, T, generator=torch.Generator().manual_seed(T))
+        level.score_offset.zero_()
+        level.track_cut(scores[:1], momentum=1.0)
+        k = subsample_topk(scores, keep)[0].size(1)
+        assert ((scores[0] - level.score_offset) > 0).sum().item() == k, (T, k)
+        level.score_offset.zero_()
+        padded = torch.cat([scores[1:], torch.full((1, 7), 9.0)], dim=1)  # the same T real tokens, then padding
+        valid = torch.arange(T + 7)[None] < T
+        level.track_cut(padded, valid, momentum=1.0)  # k from the count of real tokens
+        assert ((scores[1] - level.score_offset) > 0).sum().item() == k, (T, k)
+
+
+def test_running_offset_moves_towards_the_cut_at_the_momentum_rate():
+    """In training, each forward moves the offset 5% of the way to the cut of the scores it sees (an exponential
+    moving average, like BatchNorm's running mean): after n steps it is cut * (1 - 0.95^n)."""
+    model = build(tiny(structure="T(T)T", keep_ratio=0.5))
+    level = model.levels()[0]
+    raw = torch.randn(2, 12, generator=torch.Generator().manual_seed(0)) + 3.0  # the same scores at every step
+    level.scorer.register_forward_hook(lambda m, args, out: raw[..., None].to(out.dtype))
+    top = raw.sort(dim=1, descending=True).values
+    cut = ((top[:, 5] + top[:, 6]) / 2).mean().item()  # k = 6 of 12
+    idx = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        for n in range(1, 21):
+            model(idx, idx)
+            assert level.score_offset.item() == pytest.approx(cut * (1 - 0.95 ** n), rel=1e-5), n
+        model.eval()
+        model(idx, idx)
+    assert level.score_offset.item() == pytest.approx(cut * (1 - 0.95 ** 20), rel=1e-5)  # eval leaves it
+
+
+# -----------------------------------------------------------------------------
+# the Balancer (SUBLLM.md §7): its pushes on the score gradient, and what they hold over a short training
+
+
+def balancer_backward(scores, grad, keep, balancer='spec', prob=1.0, valid=None):
+    """The gradient that the Balancer passes to the scores (B, T) when the task's gradient is grad (B, T)."""
+    scores = scores.clone().requires_grad_()
+    out = Balancer.apply(scores, keep, torch.tensor(prob), valid, balancer == 'spec')
+    assert torch.equal(out, scores)  # identity forward: the loss does not change
+    out.backward(grad)
+    return scores.grad
+
+
+def scores_with(frac_positive, size, n=200):
+    """n scores, the first frac_positive of them +size and the rest -size, shuffled, as (4, n / 4)."""
+    s = torch.full((n,), -size)
+    s[:round(frac_positive * n)] = size
+    return s[torch.randperm(n, generator=torch.Generator().manual_seed(0))].view(4, -1)
+
+
+TASK_GRAD = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+G = 0.04  # the spec's gain: a push is at most 0.04 of the mean |task gradient|
+
+
+@pytest.mark.parametrize("frac, push", [(0.5, 0.0), (0.46, 0.0), (0.54, 0.0),  # inside keep +- 0.05: none
+                                        (0.2, G * (0.45 - 0.2) / 0.45), (0.0, G),   # too few positive: larger
+                                        (0.8, -G * (0.8 - 0.55) / 0.45), (1.0, -G)])  # too many: smaller
+def test_spec_balancer_pushes_every_score_by_the_distance_outside_the_band(frac, push):
+    """balancer='spec' (Zipformer's): outside keep +- 0.05 the positive fraction is pushed back, every score alike,
+    by G * mean |task gradient| * (the distance outside the band, as a fraction of the room on that side)."""
+    grad = balancer_backward(scores_with(frac, 2.0), TASK_GRAD, keep=0.5)  # |s| = 2: inside [1, 4], no size push
+    assert torch.allclose(TASK_GRAD - grad, torch.full_like(grad, push * TASK_GRAD.abs().mean()), atol=1e-7)
+
+
+@pytest.mark.parametrize("balancer", ["spec", "strong"])
+@pytest.mark.parametrize("size, push", [(0.5, G * 0.5), (0.05, G * 0.95), (1.0, 0.0), (2.5, 0.0), (4.0, 0.0),
+                                        (6.0, -G * 0.5), (12.0, -G)])
+def test_balancer_pushes_mean_abs_score_into_1_to_4(balancer, size, push):
+    """Mean |score| below 1: positive scores are pushed up and negative ones down (all grow), by
+    G/2 * (1 - mean |s|) * mean |task gradient|; above 4 they shrink, by G/2 * (mean |s| - 4) / 4; in [1, 4], none.
+    Both balancers push sizes alike (at 0.5 positive, 'strong' pushes no count)."""
+    scores = scores_with(0.5, size)
+    grad = balancer_backward(scores, TASK_GRAD, keep=0.5, balancer=balancer)
+    task = TASK_GRAD if balancer == 'spec' else TASK_GRAD - TASK_GRAD.mean()  # 'strong' drops the common mode
+    sign = torch.where(scores > 0, 1.0, -1.0)
+    assert torch.allclose(task - grad, sign * push / 2 * TASK_GRAD.abs().mean(), atol=1e-7)
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.2, 0.45, 0.5, 0.52, 0.8])
+def test_strong_balancer_pushes_the_count_in_proportion_to_the_error(frac):
+    """balancer='strong': the task gradient without its common mode, and every score pushed by
+    10 * (keep - positive fraction) * mean |task gradient|, at most 1x (also inside the spec's band)."""
+    grad = balancer_backward(scores_with(frac, 2.0), TASK_GRAD, keep=0.5, balancer='strong')
+    push = max(-1.0, min(1.0, 10 * (0.5 - frac)))
+    expected = TASK_GRAD - TASK_GRAD.mean() - push * TASK_GRAD.abs().mean()
+    assert torch.allclose(grad, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("balancer", ["spec", "strong"])
+def test_balancer_counts_and_pushes_only_real_tokens_and_sizes_by_the_tokens_the_gradient_reaches(balancer):
+    """Padding (valid False) is neither counted nor pushed; the push's unit is the mean |task gradient| over the
+    tokens it reaches (top-k gives a gradient only near the cut), not over all tokens."""
+    scores = scores_with(0.2, 2.0)  # real tokens: 0.2 positive
+    valid = torch.ones(4, 50, dtype=torch.bool)
+    valid[:, 40:] = False
+    scores[:, 40:] = 3.0  # padding, positive: counted, it would bring the fraction into the band
+    scores[:, :40] = scores_with(0.2, 2.0, n=160)
+    task = TASK_GRAD.clone()
+    task[:, 20:] = 0.0  # reaches half of the tokens
+    grad = balancer_backward(scores, task, keep=0.5, balancer=balancer, valid=valid)
+    reached_mean = task[:, :20].abs().mean()
+    push = G * (0.45 - 0.2) / 0.45 if balancer == 'spec' else 1.0
+    common = 0.0 if balancer == 'spec' else task.sum() / 80  # strong: the mean over the reached tokens
+    reached = (task != 0).float()
+    expected = task - common * reached - push * reached_mean * valid.float()
+    assert torch.allclose(grad, expected, atol=1e-6)
+    assert torch.equal(grad[:, 40:], torch.zeros(4, 10))
+
+
+def test_balancer_applies_with_its_scheduled_probability():
+    """Applied on a random fraction prob of the backward passes (set_step: 1.0 -> 0.25), never at prob 0. Seeded:
+    2000 draws, so a fraction outside 0.25 +- 0.05 would be 7 standard deviations off."""
+    scores = scores_with(0.0, 2.0)  # no positive score: a full push whenever it applies
+    torch.manual_seed(0)
+    applied = [not torch.equal(balancer_backward(scores, TASK_GRAD, 0.5, prob=0.25), TASK_GRAD) for _ in range(2000)]
+    assert abs(sum(applied) / 2000 - 0.25) < 0.05
+    assert all(torch.equal(balancer_backward(scores, TASK_GRAD, 0.5, prob=0.0), TASK_GRAD) for _ in range(50))
+
+
+@pytest.mark.parametrize("balancer, start_size, start_frac", [
+    ('spec', 0.1, 0.3), ('spec', 10.0, 0.3), ('spec', 2.0, 0.02), ('spec', 2.0, 0.95),
+    ('strong', 0.1, 0.3), ('strong', 2.0, 0.02), ('strong', 2.0, 0.95)])  # 'strong' from 10: slow, as its size push
+def test_balancer_holds_the_positive_fraction_and_mean_abs_score_over_a_short_training(balancer, start_size,
+                                                                                      start_frac):
+    """Scores trained by SGD on the Balancer's pushes alone (what it adds to a task gradient of zero mean): from too
+    small, too large, too few or too many positive scores, it brings mean |score| into [1, 4] and the positive
+    fraction into keep +- 0.05, and holds them there."""
+    keep = 0.3
+    gen = torch.Generator().manual_seed(2)
+    scores = (scores_with(start_frac, start_size) * 1.25 * torch.randn(4, 50, generator=gen).abs()).requires_grad_()
+    task = torch.randn(4, 50, generator=gen)
+    task -= task.mean()
+    lr = 5.0 if balancer == 'spec' else 0.2  # 'strong' pushes the count up to 25x harder: a smaller step is stable
+    for step in range(1500):
+        out = Balancer.apply(scores, keep, torch.tensor(1.0), None, balancer == 'spec')
+        out.backward(task)
+        with torch.no_grad():
+            scores -= lr * (scores.grad - task)
+        scores.grad = None
+        if step >= 1200:  # held, not only reached
+            s = scores.detach()
+            assert 0.95 <= s.abs().mean() <= 4.0, (step, s.abs().mean())
+            assert abs((s > 0).float().mean() - keep) <= 0.05 + 1e-6, (step, (s > 0).float().mean())
 
 
 @pytest.mark.parametrize("selection", ["topk", "threshold"])
@@ -603,6 +830,23 @@ def test_greedy_generation_same_with_and_without_cache(structure, record_propert
         record_property('pinned_near_ties', control.pinned)
         assert gap < LOGIT_TOL and greedy_gap(model, without, 6) < LOGIT_TOL
     assert model.training  # generate restores the mode it found
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_with_the_cache_runs_one_new_token_per_step_through_the_blocks(use_cache):
+    """With the cache, the prompt goes through the blocks once and then each step feeds only the new token (and a
+    level's blocks see at most that one token); without it every step reruns the whole sequence."""
+    model = build(tiny(structure="T(T(T)T)T"), weight_scale=1.5)
+    seen = {}  # block -> tokens per call
+    for i, block in enumerate(model.blocks()):
+        block.register_forward_pre_hook(lambda m, args, i=i: seen.setdefault(i, []).append(args[0].size(1)))
+    model.generate(torch.randint(0, V, (2, 6)), 10, use_cache=use_cache)
+    if use_cache:
+        assert seen[0] == [6] + [1] * 9 and seen[4] == [6] + [1] * 9  # the outer blocks: prefill, then one token
+        assert all(n <= 1 for i in (1, 2, 3) for n in seen.get(i, [])[1:])  # inside a level: the token, or nothing
+    else:
+        assert seen[0] == list(range(6, 16)) and seen[4] == list(range(6, 16))
+    assert all(b.attn.kv_cache is None for b in model.blocks())  # freed
 
 
 def test_cached_decoding_under_autocast(record_property):
