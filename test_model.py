@@ -206,7 +206,7 @@ def test_subsample_topk_keeps_ceil_k_in_order():
 
 
 def test_subsample_threshold_right_pads():
-    scores = torch.tensor([[1.0, -1.0, 2.0, 0.5], [-1.0, -2.0, 0.3, -0.1]])
+    scores = torch.tensor([[1.0, -1.0, 2.0, 0.5], [-1.0, -2.0, 0.3, 0.0]])  # kept: > 0, so not a score of 0
     idx, weights, kept, counts, selected = subsample_threshold(scores, None)
     assert counts == [3, 1]
     assert idx[0].tolist() == [0, 2, 3] and idx[1, 0].item() == 2
@@ -246,6 +246,7 @@ def test_train_mode_levels_see_ceil_keep_tokens_at_original_positions():
     scores2 = control.scores[2][0][1]
     expected2 = expected1.gather(1, scores2.topk(k2, dim=1).indices.sort(dim=1).values)
     assert torch.equal(seen[2][1], expected2)
+    assert forward_flops(model, 30) == pytest.approx(forward_flops(model, 30, keep=[k1 / 30, k2 / k1]))  # what ran
 
 
 def test_rope_uses_the_positions_it_is_given():
@@ -313,12 +314,12 @@ def bypass_gate_gradients(c, c_min, push, steps):
 
 def test_bypass_gate_pushed_out_of_its_range_is_turned_back_on_60_percent_of_steps():
     """SUBLLM.md §6: in training, a gradient that would move c further below c_min or above 1 has its sign flipped
-    on about 60% of the steps; one that moves c back in, or c inside [c_min, 1], is left alone. Seeded: 4000 steps,
-    so a rate outside 0.6 +- 0.05 would be 6 standard deviations off."""
+    on about 60% of the steps; one that moves c back in, or c inside [c_min, 1], is left alone. Seeded: 2000 steps,
+    so a rate outside 0.6 +- 0.05 would be 4.5 standard deviations off."""
     torch.manual_seed(0)
     c = [0.5, 0.5, 0.95, 0.95, 1.2, 1.2]           # below c_min = 0.9, inside, above 1
     push = [1.0, -1.0, 1.0, -1.0, -1.0, 1.0]        # outward (descent: c - lr * grad), inward, ...
-    grads = bypass_gate_gradients(c, 0.9, push, 4000)
+    grads = bypass_gate_gradients(c, 0.9, push, 2000)
     flipped = grads == -torch.tensor(push)
     assert torch.equal(flipped | (grads == torch.tensor(push)), torch.ones_like(flipped))  # only ever the sign
     rate = flipped.float().mean(0)
@@ -428,6 +429,127 @@ def test_running_offset_moves_towards_the_cut_at_the_momentum_rate():
         model.eval()
         model(idx, idx)
     assert level.score_offset.item() == pytest.approx(cut * (1 - 0.95 ** 20), rel=1e-5)  # eval leaves it
+
+
+@pytest.mark.parametrize("scorer_norm", [True, False])
+def test_the_scorer_reads_the_normalised_token_unless_scorer_norm_is_off(scorer_norm):
+    """scorer_norm=True scores rms_norm(x): the scores do not change when the level's input is scaled; False scores
+    the raw residual stream (the paper): they scale with it."""
+    model = build(tiny(structure="T(T)T", scorer_norm=scorer_norm)).eval()
+    level = model.levels()[0]
+    scores = []
+    level.scorer.register_forward_hook(lambda m, args, out: scores.append(out.squeeze(-1)))
+    x, pos, rope = torch.randn(2, 12, 32), torch.arange(12)[None], (model.rope_cos, model.rope_sin)
+    with torch.no_grad():
+        level(x, pos, rope)
+        level(10 * x, pos, rope)
+    assert torch.allclose(scores[1], scores[0] if scorer_norm else 10 * scores[0], atol=1e-5)
+
+
+def test_a_token_enters_when_its_score_is_above_the_running_offset():
+    """Eval selection is `scorer(x) - score_offset > 0`: raising the offset lets in only the tokens above it, and
+    a score exactly at the offset stays out."""
+    model = build(tiny(structure="T(T)T"), weight_scale=1.0).eval()
+    level = model.levels()[0]
+    raw = []
+    level.scorer.register_forward_hook(lambda m, args, out: raw.append(out.detach().squeeze(-1)))
+    idx = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        model(idx, idx)
+        level.score_offset.fill_(raw[0].flatten().sort().values[25].item())  # the 26th lowest of 40: 14 are above
+        model.reset_level_stats()
+        model(idx, idx)
+    assert model.level_stats() == [(1, 40, 14)]
+
+
+def test_level_stats_count_offered_and_kept_tokens_exactly():
+    """Eval: level 1 is offered every token, level 2 the tokens level 1 kept (its padding is not offered), each
+    keeps its positive scores, and the counts add up over forwards. Training: offered, agreeing with `score > 0`,
+    and positive but not selected, per level."""
+    model = build(tiny(keep_ratio=0.5), weight_scale=1.0).eval()
+    control = ScoreControl(model)
+    idx = torch.randint(0, V, (3, 16))
+    with torch.no_grad():
+        model(idx, idx)
+        model(idx, idx)
+    positive1 = int((control.scores[1][0][1] > 0).sum())
+    positive2 = int((control.scores[2][0][1] > 0).sum())  # of level 2's rows, padding included: see below
+    (d1, offered1, kept1), (d2, offered2, kept2) = model.level_stats()
+    assert (d1, offered1, kept1) == (1, 2 * 48, 2 * positive1)
+    assert offered2 == kept1 and 0 < kept2 <= 2 * positive2 and kept2 < offered2
+
+    model.train()
+    model.reset_level_stats()
+    control.scores.clear()
+    offsets = [lv.score_offset.clone() for lv in model.levels()]
+    model(idx, idx)
+    s1 = control.scores[1][0][1] - offsets[0]  # what the training selection compared
+    selected = torch.zeros_like(s1, dtype=torch.bool).scatter(1, s1.topk(8, dim=1).indices, True)
+    assert model.selection_stats()[0] == (1, 48, int((selected == (s1 > 0)).sum()), int(((s1 > 0) & ~selected).sum()))
+    model(idx, idx)
+    assert model.selection_stats()[0][1] == 96  # they add up
+
+
+def threshold_training_step(seed=0):
+    """One training forward and backward of a threshold-selection model whose level 1 keeps fewer tokens than its
+    capacity in some rows, so that level 2 sees padding. Returns what level 2 saw: its scores (minus the offset
+    before the step, as it compared them), their gradient, the padding mask, the offset before and after, and the
+    positions it kept, with level 1's kept positions."""
+    model = build(tiny(selection='threshold', keep_ratio=0.5, capacity_slack=0.5), seed=seed, weight_scale=1.0)
+    level1, level2 = model.levels()
+    seen = {}
+    level1.inner.register_forward_pre_hook(lambda m, args: seen.update(pos1=args[1], valid1=args[3]))
+    level2.register_forward_pre_hook(lambda m, args: seen.update(valid=args[3]))
+    level2.inner.register_forward_pre_hook(lambda m, args: seen.update(pos2=args[1], valid2=args[3]))
+
+    def keep_scores(m, args, out):
+        out.register_hook(lambda g: seen.update(grad=g.squeeze(-1)))
+        seen['scores'] = out.detach().squeeze(-1) - level2.score_offset
+    level2.scorer.register_forward_hook(keep_scores)
+    seen['offset'] = level2.score_offset.item()
+    idx = torch.randint(0, V, (4, 24), generator=torch.Generator().manual_seed(seed))
+    model(idx, idx)[1].backward()
+    seen['new_offset'] = level2.score_offset.item()
+    return model, seen
+
+
+def test_threshold_inner_level_never_takes_padding_and_neither_counts_nor_pushes_it():
+    """Level 1's short rows are right-padded; level 2 must treat that padding as absent: it never selects it, the
+    Balancer neither counts nor pushes it (no gradient reaches a padding score), the running cut ranks only real
+    tokens, and the stats do not offer it."""
+    model, seen = threshold_training_step()
+    valid, scores = seen['valid'], seen['scores']
+    assert (~valid).any() and valid.any(1).all()  # padding in some rows, real tokens in every row
+    real1 = {(b, p) for b in range(4) for p, v in zip(seen['pos1'][b].tolist(), seen['valid1'][b].tolist()) if v}
+    kept2 = {(b, p) for b in range(4) for p, v in zip(seen['pos2'][b].tolist(), seen['valid2'][b].tolist()) if v}
+    assert kept2 and kept2 <= real1  # level 2 keeps only tokens that level 1 kept
+    assert torch.equal(seen['grad'][~valid], torch.zeros(int((~valid).sum())))
+    n = valid.sum(1)  # the cut of each row's real scores, k = ceil(0.5 * n)
+    cuts = []
+    for b in range(4):
+        real = scores[b][valid[b]].sort(descending=True).values
+        k = math.ceil(0.5 * n[b].item())
+        if 0 < k < n[b]:
+            cuts.append((real[k - 1] + real[k]) / 2)
+    assert seen['new_offset'] == pytest.approx(seen['offset'] + 0.05 * torch.stack(cuts).mean().item(), abs=1e-6)
+    assert model.selection_stats()[1][1] == int(valid.sum())  # level 2 was offered its real tokens only
+
+
+@pytest.mark.parametrize("balancer", ["spec", "strong"])
+def test_a_level_uses_the_balancer_its_config_names(balancer):
+    """At balancer probability 0 (no push), balancer='spec' passes the task gradient to the scorer untouched, while
+    'strong' takes its common mode out: the scorer's gradient tells which one the level runs."""
+    grads = {}
+    for through in ('model', 'identity'):
+        model = build(tiny(structure="T(T)T", balancer=balancer), weight_scale=1.0)
+        model.levels()[0].balancer_prob.fill_(0.0)
+        idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+        with pytest.MonkeyPatch.context() as mp:
+            if through == 'identity':
+                mp.setattr(Balancer, 'apply', lambda scores, *args: scores)
+            model(idx, idx)[1].backward()
+        grads[through] = model.levels()[0].scorer.weight.grad
+    assert torch.allclose(grads['model'], grads['identity'], atol=1e-7) == (balancer == 'spec')
 
 
 # -----------------------------------------------------------------------------
