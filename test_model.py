@@ -318,7 +318,7 @@ def test_bypass_gate_pushed_out_of_its_range_is_turned_back_on_60_percent_of_ste
     so a rate outside 0.6 +- 0.05 would be 4.5 standard deviations off."""
     torch.manual_seed(0)
     c = [0.5, 0.5, 0.95, 0.95, 1.2, 1.2]           # below c_min = 0.9, inside, above 1
-    push = [1.0, -1.0, 1.0, -1.0, -1.0, 1.0]        # outward (descent: c - lr * grad), inward, ...
+    push = [1.0, -0.5, 1.0, -1.0, -2.0, 0.5]        # outward (descent: c - lr * grad), inward, ...
     grads = bypass_gate_gradients(c, 0.9, push, 2000)
     flipped = grads == -torch.tensor(push)
     assert torch.equal(flipped | (grads == torch.tensor(push)), torch.ones_like(flipped))  # only ever the sign
@@ -394,6 +394,18 @@ def test_running_offset_lands_on_the_midpoint_of_the_cut_of_each_row():
     assert level.score_offset.item() == pytest.approx(0.25 * 0.05)
 
 
+@pytest.mark.parametrize("keep, k", [(0.1, 1), (0.9, 9)])
+def test_running_cut_next_to_the_largest_or_the_smallest_score(keep, k):
+    """k = 1 (the cut just below the largest score) and k = n - 1 (just above the smallest) are cuts like any
+    other; a row with no real token (a level-1 row that kept nothing, seen by level 2) has none."""
+    level = build(tiny(keep_ratio=keep)).levels()[0]
+    row = [0.3, -1.0, 2.0, 0.9, -0.2, 1.5, 0.1, -3.0, 0.7, 0.0]
+    scores = torch.tensor([row, [5.0] * 10])
+    level.track_cut(scores, torch.tensor([[True] * 10, [False] * 10]), momentum=1.0)
+    ranked = sorted(row, reverse=True)
+    assert level.score_offset.item() == pytest.approx((ranked[k - 1] + ranked[k]) / 2)
+
+
 @pytest.mark.parametrize("keep", [0.6, 0.64, 0.75, 0.3])
 def test_running_cut_is_at_the_k_that_top_k_keeps(keep):
     """The cut is between the k-th and (k+1)-th score for the same k = ceil(keep * T) that subsample_topk keeps, also
@@ -459,7 +471,14 @@ def test_a_token_enters_when_its_score_is_above_the_running_offset():
         level.score_offset.fill_(raw[0].flatten().sort().values[25].item())  # the 26th lowest of 40: 14 are above
         model.reset_level_stats()
         model(idx, idx)
-    assert model.level_stats() == [(1, 40, 14)]
+        assert model.level_stats() == [(1, 40, 14)]
+        model.train()  # training counts a token as eval would select it: positive, so not the one at the offset
+        offset = level.score_offset.clone()
+        model(idx, idx)
+    s = raw[-1] - offset
+    selected = torch.zeros_like(s, dtype=torch.bool).scatter(1, s.topk(10, dim=1).indices, True)
+    assert (s == 0).sum() == 1 and model.selection_stats()[0] == (1, 40, int((selected == (s > 0)).sum()),
+                                                                   int(((s > 0) & ~selected).sum()))
 
 
 def test_level_stats_count_offered_and_kept_tokens_exactly():
