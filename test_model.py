@@ -371,6 +371,7 @@ def test_running_offset_tracks_the_top_k_cut():
     level.track_cut(scores, momentum=1.0)  # one full step: the offset lands between the 6th and 7th largest score
     assert ((scores - level.score_offset) > 0).sum().item() == 6
     assert 'stack.layers.1.score_offset' in model.state_dict()  # saved with the weights: inference needs it
+    assert not any(k.endswith('.stats') for k in model.state_dict())  # the log's counters are not
     model.eval()
     before = level.score_offset.clone()
     model(torch.randint(0, V, (2, 10)))
@@ -496,6 +497,7 @@ def test_level_stats_count_offered_and_kept_tokens_exactly():
     (d1, offered1, kept1), (d2, offered2, kept2) = model.level_stats()
     assert (d1, offered1, kept1) == (1, 2 * 48, 2 * positive1)
     assert offered2 == kept1 and 0 < kept2 <= 2 * positive2 and kept2 < offered2
+    assert all(type(n) is int for row in model.level_stats() for n in row)  # exact counts, past float32's 2^24
 
     model.train()
     model.reset_level_stats()
