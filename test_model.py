@@ -371,7 +371,9 @@ def test_running_offset_tracks_the_top_k_cut():
     level.track_cut(scores, momentum=1.0)  # one full step: the offset lands between the 6th and 7th largest score
     assert ((scores - level.score_offset) > 0).sum().item() == 6
     assert 'stack.layers.1.score_offset' in model.state_dict()  # saved with the weights: inference needs it
-    assert not any(k.endswith('.stats') for k in model.state_dict())  # the log's counters are not
+    saved = {k for k in model.state_dict() if k.startswith('stack.layers.1.') and '.inner.' not in k}
+    assert saved == {'stack.layers.1.' + k for k in ('scorer.weight', 'score_offset', 'bypass.c')}  # not the
+    # schedules (set_step sets them from the step) nor the log's counters
     model.eval()
     before = level.score_offset.clone()
     model(torch.randint(0, V, (2, 10)))
