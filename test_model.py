@@ -654,6 +654,18 @@ def test_balancer_counts_and_pushes_only_real_tokens_and_sizes_by_the_tokens_the
     assert torch.equal(grad[:, 40:], torch.zeros(4, 10))
 
 
+@pytest.mark.parametrize("score, push", [(2.0, -G), (0.0, G / 2)])
+def test_balancer_with_one_real_token_that_the_gradient_reaches(score, push):
+    """A batch whose one real token is the only one the task gradient reaches: the fraction and sizes are its own
+    (2.0: all positive, pushed down by G; 0.0: not positive, so counted as too few, +G, and too small, -G/2 as a
+    non-positive score), in units of its own |gradient|."""
+    scores = torch.tensor([[score, 5.0, 5.0]])
+    valid = torch.tensor([[True, False, False]])
+    task = torch.tensor([[0.5, 0.0, 0.0]])
+    grad = balancer_backward(scores, task, keep=0.5, valid=valid)
+    assert torch.allclose(grad, torch.tensor([[0.5 - push * 0.5, 0.0, 0.0]]), atol=1e-7)
+
+
 def test_balancer_applies_with_its_scheduled_probability():
     """Applied on a random fraction prob of the backward passes (set_step: 1.0 -> 0.25), never at prob 0. Seeded:
     2000 draws, so a fraction outside 0.25 +- 0.05 would be 7 standard deviations off."""
@@ -705,6 +717,7 @@ def test_set_step_schedules():
     model = build(tiny(bypass_schedule_steps=100, balancer_schedule_steps=40))
     level = model.levels()[0]
     assert level.bypass.c_min.item() == pytest.approx(0.9) and level.balancer_prob.item() == 1.0
+    assert torch.equal(level.bypass.c, torch.full((32,), 0.5))  # the gate starts half open (SUBLLM.md §6)
     model.set_step(20)
     assert level.bypass.c_min.item() == pytest.approx(0.9 - 0.7 * 0.2)
     assert level.balancer_prob.item() == pytest.approx(1.0 - 0.75 * 0.5)
