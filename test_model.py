@@ -334,7 +334,8 @@ def test_bypass_gate_pushed_out_of_its_range_is_turned_back_on_60_percent_of_ste
 @pytest.mark.parametrize("c_min, start, push", [(0.9, 0.95, 1.0), (0.2, 0.95, -1.0)])
 def test_bypass_gate_pushed_outward_by_training_stays_near_its_range(c_min, start, push):
     """A task that pulls c out of [c_min, 1] at every step (SGD): it goes out of the range by a few steps at most and
-    comes back, instead of drifting away."""
+    comes back, instead of drifting away. Outside, c takes a random walk that drifts back (0.6 of its steps), so an
+    excursion of 40 steps has odds of (0.4/0.6)^40 ~ 1e-7, whatever the random stream."""
     torch.manual_seed(0)
     bypass = Bypass(1)
     bypass.c_min.fill_(c_min)
@@ -347,7 +348,7 @@ def test_bypass_gate_pushed_outward_by_training_stays_near_its_range(c_min, star
         with torch.no_grad():
             bypass.c -= lr * bypass.c.grad
         seen.append(bypass.c.item())
-    assert c_min - 20 * lr < min(seen) and max(seen) < 1 + 20 * lr, (min(seen), max(seen))
+    assert c_min - 40 * lr < min(seen) and max(seen) < 1 + 40 * lr, (min(seen), max(seen))  # unheld: 1.2 away
 
 
 @pytest.mark.parametrize("training", [True, False])
