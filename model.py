@@ -443,7 +443,7 @@ class Level(nn.Module):
             scores, valid = scores.reshape(1, -1), None if valid is None else valid.reshape(1, -1)
             B, T = scores.shape
         n = torch.full((B,), T, device=scores.device) if valid is None else valid.sum(1)  # (B,) real tokens
-        k = torch.ceil(self.keep_ratio * n).long()
+        k = torch.ceil(self.keep_ratio * n.double()).long()  # float64 like top-k's math.ceil (float32: 0.6 * 25 -> 16)
         ranked = scores if valid is None else scores.masked_fill(~valid, -math.inf)
         ranked = ranked.sort(dim=1, descending=True).values  # (B, T)
         above = ranked.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1)  # the k-th largest, kept

@@ -36,9 +36,13 @@ def everything(model):
 def test_the_full_subnetwork_is_exactly_the_dense_model(structure, n_kv_head):
     dense = tiny_model(structure, n_kv_head)
     sub = copy.deepcopy(dense)  # a copy: a SUBLLM training forward moves the level's running score offset
+    x = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+    # the control: one SwiGLU unit fewer per block is a sub-network that runs, and so changes FLOPs and logits
+    set_subnetwork(sub, [(groups, units[:-1]) for groups, units in everything(sub)])
+    assert forward_flops(sub, 32) < forward_flops(dense, 32)
+    assert not torch.allclose(sub.eval()(x, x)[0], dense.eval()(x, x)[0], atol=1e-4)  # eval: no offset moves
     set_subnetwork(sub, everything(sub))
     assert forward_flops(sub, 32) == forward_flops(dense, 32)
-    x = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
     for train_mode in (True, False):
         dense.train(train_mode), sub.train(train_mode)
         logits_dense, loss_dense = dense(x, x)

@@ -7,8 +7,11 @@ import json
 import math
 import os
 import re
+import runpy
+import signal
 import subprocess
 import sys
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GPU_CHECK = os.path.join(HERE, 'gpu_check.py')
@@ -27,7 +30,7 @@ def test_cpu_size_runs_the_three_stages_and_reports_their_numbers(tmp_path):
     result, report = gpu_check(tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert report['ok'] and list(report['stages']) == ['equivalence', 'bench', 'train']
-    assert report['size'] == 'cpu' and report['torch'] and report['date'] and report['seconds'] < report['budget_s']
+    assert report['size'] == 'cpu' and report['torch'] and report['date'] and report['seconds'] > 0  # budget: below
     for stage in report['stages']:
         assert (tmp_path / f'check.{stage}.log').stat().st_size > 0
 
@@ -94,3 +97,35 @@ def test_the_gpu_size_commands_are_accepted_by_their_scripts(tmp_path):
     assert collected.returncode == 0, collected.stdout[-2000:]
     n = re.search(r"(\d+)/\d+ tests collected", collected.stdout)
     assert n and int(n.group(1)) >= 20 and 'test_cached_decoding_equals_full_forward' in collected.stdout
+
+
+def test_each_stage_gets_the_time_left_less_what_the_later_stages_keep(tmp_path, monkeypatch):
+    """The budget, on a clock the test controls (the wall clock plays no part): a stage's timeout is the budget's
+    time left less the minimum kept for each later stage (at size cpu: 3, 12 and 15 s); a stage that takes all of
+    its time leaves the next one exactly its minimum, and the report adds up the clock."""
+    monkeypatch.setattr(sys, 'argv', ['gpu_check.py', '--size=cpu', '--budget_s=460', f'--out={tmp_path / "c.json"}',
+                                      f'--work_dir={tmp_path / "work"}'])
+    main = runpy.run_path(GPU_CHECK, run_name='gpu_check_under_test')['main']
+    module = main.__globals__  # the namespace main runs in
+    clock = [5000.0]
+    module['time'] = types.SimpleNamespace(time=lambda: clock[0])
+    module['t_start'], module['deadline'] = clock[0], clock[0] + 460
+    timeouts = {}
+
+    def stage(name, needs):  # a stage that needs this many seconds, and is stopped at its timeout
+        def run_stage(timeout, work):
+            timeouts[name] = timeout
+            clock[0] += min(needs, timeout)
+            return dict(ok=needs <= timeout, seconds=min(needs, timeout),
+                        **({} if needs <= timeout else {'error': 'ran out of time (--budget_s)'}))
+        return run_stage
+    module['RUNS'].update(equivalence=stage('equivalence', 100), bench=stage('bench', 1000), train=stage('train', 10))
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main() == 1
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)  # main turns SIGTERM into an exit: not this process's
+    assert timeouts == {'equivalence': 460 - 12 - 15, 'bench': 460 - 100 - 15, 'train': 15}
+    report = json.loads((tmp_path / 'c.json').read_text())
+    assert report['seconds'] == 455 and not report['ok']
+    assert [(s['ok'], s['seconds']) for s in report['stages'].values()] == [(True, 100), (False, 345), (True, 10)]

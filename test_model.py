@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from flops import forward_flops
-from model import (SubLLM, SubLLMConfig, llama_twin, parse_structure, subsample_topk,
+from model import (Balancer, Bypass, SubLLM, SubLLMConfig, llama_twin, parse_structure, subsample_topk,
                    subsample_threshold, upsample)
 
 V = 64  # vocabulary of the tiny models
@@ -190,21 +190,23 @@ def test_eval_mode_is_causal():
 
 def test_subsample_topk_keeps_ceil_k_in_order():
     torch.manual_seed(0)
-    for T, keep in [(10, 0.5), (11, 0.64), (7, 1.0), (5, 0.1)]:
-        scores = torch.randn(3, T) * 2
+    for T, keep, scale in [(10, 0.5, 2.0), (11, 0.64, 2.0), (7, 1.0, 2.0), (5, 0.1, 2.0), (16, 0.5, 0.4)]:
+        scores = torch.randn(3, T) * scale  # scale 0.4: most scores inside (0, 1), where the weights all differ
         idx, weights = subsample_topk(scores, keep)
         k = math.ceil(keep * T)
         assert idx.shape == weights.shape == (3, k)
         assert torch.all(idx[:, 1:] > idx[:, :-1])  # ascending, no repeats: the short sequence stays causal
         assert torch.equal(idx, scores.topk(k, dim=1).indices.sort(dim=1).values)
-        ranked = scores.sort(dim=1, descending=True).values.clamp(0, 1)  # w = clamp(s_(i)) - clamp(s_(i+k))
-        below = torch.cat([ranked[:, k:], torch.zeros(3, k)], dim=1)[:, :k]
-        assert torch.allclose(weights.sort(dim=1, descending=True).values,
-                              (ranked[:, :k] - below).sort(dim=1, descending=True).values)
+        for b in range(3):  # the weight of the token at each kept position: clamp(s_(i)) - clamp(s_(i+k)), where
+            ranked = scores[b].sort(descending=True)  # i is that token's rank (missing s_(i+k) count as 0)
+            clamped = torch.cat([ranked.values.clamp(0, 1), torch.zeros(k)])
+            rank = {p: i for i, p in enumerate(ranked.indices.tolist())}
+            expected = [clamped[rank[p]] - clamped[rank[p] + k] for p in idx[b].tolist()]
+            assert torch.allclose(weights[b], torch.stack(expected)), (T, keep, b)
 
 
 def test_subsample_threshold_right_pads():
-    scores = torch.tensor([[1.0, -1.0, 2.0, 0.5], [-1.0, -2.0, 0.3, -0.1]])
+    scores = torch.tensor([[1.0, -1.0, 2.0, 0.5], [-1.0, -2.0, 0.3, 0.0]])  # kept: > 0, so not a score of 0
     idx, weights, kept, counts, selected = subsample_threshold(scores, None)
     assert counts == [3, 1]
     assert idx[0].tolist() == [0, 2, 3] and idx[1, 0].item() == 2
@@ -244,6 +246,7 @@ def test_train_mode_levels_see_ceil_keep_tokens_at_original_positions():
     scores2 = control.scores[2][0][1]
     expected2 = expected1.gather(1, scores2.topk(k2, dim=1).indices.sort(dim=1).values)
     assert torch.equal(seen[2][1], expected2)
+    assert forward_flops(model, 30) == pytest.approx(forward_flops(model, 30, keep=[k1 / 30, k2 / k1]))  # what ran
 
 
 def test_rope_uses_the_positions_it_is_given():
@@ -291,6 +294,63 @@ def test_level_output_is_input_where_a_token_skips():
     assert not torch.allclose(io['out'][0, kept], io['x'][0, kept])
 
 
+def bypass_gate_gradients(c, c_min, push, steps):
+    """The gradient that reaches each channel of a training Bypass's gate c when the loss's gradient is push (one per
+    channel), over this many backward passes: (steps, channels)."""
+    bypass = Bypass(len(c))
+    bypass.c_min.fill_(c_min)
+    with torch.no_grad():
+        bypass.c.copy_(torch.tensor(c))
+    x, u = torch.zeros(1, len(c)), torch.ones(1, len(c))  # out = c
+    grads = []
+    for _ in range(steps):
+        bypass.c.grad = None
+        out = bypass(x, u)
+        assert torch.equal(out[0], bypass.c.detach())  # the forward always uses the raw c
+        out.backward(torch.tensor([push]))
+        grads.append(bypass.c.grad.clone())
+    return torch.stack(grads)
+
+
+def test_bypass_gate_pushed_out_of_its_range_is_turned_back_on_60_percent_of_steps():
+    """SUBLLM.md §6: in training, a gradient that would move c further below c_min or above 1 has its sign flipped
+    on about 60% of the steps; one that moves c back in, or c inside [c_min, 1], is left alone. Seeded: 2000 steps,
+    so a rate outside 0.6 +- 0.05 would be 4.5 standard deviations off."""
+    torch.manual_seed(0)
+    c = [0.5, 0.5, 0.95, 0.95, 1.2, 1.2]           # below c_min = 0.9, inside, above 1
+    push = [1.0, -0.5, 1.0, -1.0, -2.0, 0.5]        # outward (descent: c - lr * grad), inward, ...
+    grads = bypass_gate_gradients(c, 0.9, push, 2000)
+    flipped = grads == -torch.tensor(push)
+    assert torch.equal(flipped | (grads == torch.tensor(push)), torch.ones_like(flipped))  # only ever the sign
+    rate = flipped.float().mean(0)
+    assert abs(rate[0] - 0.6) < 0.05 and abs(rate[4] - 0.6) < 0.05  # outward: turned back on ~60% of steps
+    assert rate[[1, 2, 3, 5]].tolist() == [0.0] * 4                  # inward or inside: never
+    bypass = Bypass(2).eval()  # eval: c as it is, no autograd.Function in the way
+    with torch.no_grad():
+        bypass.c.copy_(torch.tensor([0.1, 1.5]))
+    assert torch.equal(bypass(torch.zeros(1, 2), torch.ones(1, 2))[0], torch.tensor([0.1, 1.5]))
+
+
+@pytest.mark.parametrize("c_min, start, push", [(0.9, 0.95, 1.0), (0.2, 0.95, -1.0)])
+def test_bypass_gate_pushed_outward_by_training_stays_near_its_range(c_min, start, push):
+    """A task that pulls c out of [c_min, 1] at every step (SGD): it goes out of the range by a few steps at most and
+    comes back, instead of drifting away. Outside, c takes a random walk that drifts back (0.6 of its steps), so an
+    excursion of 40 steps has odds of (0.4/0.6)^40 ~ 1e-7, whatever the random stream."""
+    torch.manual_seed(0)
+    bypass = Bypass(1)
+    bypass.c_min.fill_(c_min)
+    with torch.no_grad():
+        bypass.c.fill_(start)
+    lr, seen = 0.002, []
+    for _ in range(600):
+        bypass.c.grad = None
+        bypass(torch.zeros(1, 1), torch.ones(1, 1)).backward(torch.tensor([[push]]))
+        with torch.no_grad():
+            bypass.c -= lr * bypass.c.grad
+        seen.append(bypass.c.item())
+    assert c_min - 40 * lr < min(seen) and max(seen) < 1 + 40 * lr, (min(seen), max(seen))  # unheld: 1.2 away
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_keep_one_all_positive_is_inner_blocks_plus_bypass(training):
     model = build(tiny(structure="T(TT)T", keep_ratio=1.0), weight_scale=1.0).train(training)
@@ -312,6 +372,9 @@ def test_running_offset_tracks_the_top_k_cut():
     level.track_cut(scores, momentum=1.0)  # one full step: the offset lands between the 6th and 7th largest score
     assert ((scores - level.score_offset) > 0).sum().item() == 6
     assert 'stack.layers.1.score_offset' in model.state_dict()  # saved with the weights: inference needs it
+    saved = {k for k in model.state_dict() if k.startswith('stack.layers.1.') and '.inner.' not in k}
+    assert saved == {'stack.layers.1.' + k for k in ('scorer.weight', 'score_offset', 'bypass.c')}  # not the
+    # schedules (set_step sets them from the step) nor the log's counters
     model.eval()
     before = level.score_offset.clone()
     model(torch.randint(0, V, (2, 10)))
@@ -338,6 +401,324 @@ def test_batch_cut_keeps_keep_ratio_of_rows_at_different_score_levels(running_cu
         level.track_cut(padded, valid, momentum=1.0)  # 15 real tokens: between the 9th and 10th largest, 101, 100
         assert level.score_offset.item() == 100.5
 
+def test_running_offset_lands_on_the_midpoint_of_the_cut_of_each_row():
+    """A full step (momentum 1) moves the offset by the mean, over the rows that have a cut, of the midpoint between
+    a row's k-th and (k+1)-th largest real score, k = ceil(keep * real tokens): padding is not ranked, and a row
+    that keeps all its real tokens has no cut and adds nothing (running_cut='rows'; the default's batch cut is
+    test_batch_cut_keeps_keep_ratio_of_rows_at_different_score_levels)."""
+    level = build(tiny(keep_ratio=0.6, running_cut='rows')).levels()[0]
+    scores = torch.tensor([[0.3, -1.0, 2.0, 0.9, -0.2, 1.5, 0.1, -3.0, 0.7, 0.0],  # 10 real: k 6, 6th 0.1, 7th 0.0
+                           [5.0, 4.0, -2.0, 1.0, 3.0, 9.0, 9.0, 9.0, 9.0, 9.0],    # 5 real: k 3, 3rd 3.0, 4th 1.0
+                           [1.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0]])   # 1 real: k 1 = n, no cut
+    valid = torch.tensor([[True] * 10, [True] * 5 + [False] * 5, [True] + [False] * 9])
+    level.score_offset.fill_(0.5)
+    level.track_cut(scores, valid, momentum=1.0)
+    assert level.score_offset.item() == pytest.approx(0.5 + ((0.1 + 0.0) / 2 + (3.0 + 1.0) / 2) / 2)
+    level.score_offset.zero_()
+    level.track_cut(scores[:1], momentum=0.25)  # a partial step: that fraction of the way
+    assert level.score_offset.item() == pytest.approx(0.25 * 0.05)
+
+
+@pytest.mark.parametrize("keep, k", [(0.1, 1), (0.9, 9)])
+def test_running_cut_next_to_the_largest_or_the_smallest_score(keep, k):
+    """k = 1 (the cut just below the largest score) and k = n - 1 (just above the smallest) are cuts like any
+    other; a row with no real token (a level-1 row that kept nothing, seen by level 2) has none."""
+    level = build(tiny(keep_ratio=keep)).levels()[0]
+    row = [0.3, -1.0, 2.0, 0.9, -0.2, 1.5, 0.1, -3.0, 0.7, 0.0]
+    scores = torch.tensor([row, [5.0] * 10])
+    level.track_cut(scores, torch.tensor([[True] * 10, [False] * 10]), momentum=1.0)
+    ranked = sorted(row, reverse=True)
+    assert level.score_offset.item() == pytest.approx((ranked[k - 1] + ranked[k]) / 2)
+
+
+@pytest.mark.parametrize("keep", [0.6, 0.64, 0.75, 0.3])
+def test_running_cut_is_at_the_k_that_top_k_keeps(keep):
+    """The cut is between the k-th and (k+1)-th score for the same k = ceil(keep * T) that subsample_topk keeps, also
+    where keep * T is a whole number that float32 rounds up (0.6 * 25)."""
+    level = build(tiny(keep_ratio=keep)).levels()[0]
+    for T in (10, 16, 25, 50, 64, 100):
+        scores = torch.randn(2, T, generator=torch.Generator().manual_seed(T))
+        level.score_offset.zero_()
+        level.track_cut(scores[:1], momentum=1.0)
+        k = subsample_topk(scores, keep)[0].size(1)
+        assert ((scores[0] - level.score_offset) > 0).sum().item() == k, (T, k)
+        level.score_offset.zero_()
+        padded = torch.cat([scores[1:], torch.full((1, 7), 9.0)], dim=1)  # the same T real tokens, then padding
+        valid = torch.arange(T + 7)[None] < T
+        level.track_cut(padded, valid, momentum=1.0)  # k from the count of real tokens
+        assert ((scores[1] - level.score_offset) > 0).sum().item() == k, (T, k)
+
+
+def test_running_offset_moves_towards_the_cut_at_the_momentum_rate():
+    """In training, each forward moves the offset 5% of the way to the cut of the scores it sees (an exponential
+    moving average, like BatchNorm's running mean): after n steps it is cut * (1 - 0.95^n)."""
+    model = build(tiny(structure="T(T)T", keep_ratio=0.5))
+    level = model.levels()[0]
+    raw = torch.randn(2, 12, generator=torch.Generator().manual_seed(0)) + 3.0  # the same scores at every step
+    level.scorer.register_forward_hook(lambda m, args, out: raw[..., None].to(out.dtype))
+    top = raw.flatten().sort(descending=True).values
+    cut = ((top[11] + top[12]) / 2).item()  # the batch's cut (running_cut='batch'): k = 12 of its 24 tokens
+    idx = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        for n in range(1, 21):
+            model(idx, idx)
+            assert level.score_offset.item() == pytest.approx(cut * (1 - 0.95 ** n), rel=1e-5), n
+        model.eval()
+        model(idx, idx)
+    assert level.score_offset.item() == pytest.approx(cut * (1 - 0.95 ** 20), rel=1e-5)  # eval leaves it
+
+
+@pytest.mark.parametrize("scorer_norm", [True, False])
+def test_the_scorer_reads_the_normalised_token_unless_scorer_norm_is_off(scorer_norm):
+    """scorer_norm=True scores rms_norm(x): the scores do not change when the level's input is scaled; False scores
+    the raw residual stream (the paper): they scale with it."""
+    model = build(tiny(structure="T(T)T", scorer_norm=scorer_norm)).eval()
+    level = model.levels()[0]
+    scores = []
+    level.scorer.register_forward_hook(lambda m, args, out: scores.append(out.squeeze(-1)))
+    x, pos, rope = torch.randn(2, 12, 32), torch.arange(12)[None], (model.rope_cos, model.rope_sin)
+    with torch.no_grad():
+        level(x, pos, rope)
+        level(10 * x, pos, rope)
+    assert torch.allclose(scores[1], scores[0] if scorer_norm else 10 * scores[0], atol=1e-5)
+
+
+def test_a_token_enters_when_its_score_is_above_the_running_offset():
+    """Eval selection is `scorer(x) - score_offset > 0`: raising the offset lets in only the tokens above it, and
+    a score exactly at the offset stays out."""
+    model = build(tiny(structure="T(T)T"), weight_scale=1.0).eval()
+    level = model.levels()[0]
+    raw = []
+    level.scorer.register_forward_hook(lambda m, args, out: raw.append(out.detach().squeeze(-1)))
+    idx = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        model(idx, idx)
+        level.score_offset.fill_(raw[0].flatten().sort().values[25].item())  # the 26th lowest of 40: 14 are above
+        model.reset_level_stats()
+        model(idx, idx)
+        assert model.level_stats() == [(1, 40, 14)]
+        model.train()  # training counts a token as eval would select it: positive, so not the one at the offset
+        offset = level.score_offset.clone()
+        model(idx, idx)
+    s = raw[-1] - offset
+    selected = torch.zeros_like(s, dtype=torch.bool).scatter(1, s.topk(10, dim=1).indices, True)
+    assert (s == 0).sum() == 1 and model.selection_stats()[0] == (1, 40, int((selected == (s > 0)).sum()),
+                                                                   int(((s > 0) & ~selected).sum()))
+
+
+def test_level_stats_count_offered_and_kept_tokens_exactly():
+    """Eval: level 1 is offered every token, level 2 the tokens level 1 kept (its padding is not offered), each
+    keeps its positive scores, and the counts add up over forwards. Training: offered, agreeing with `score > 0`,
+    and positive but not selected, per level."""
+    model = build(tiny(keep_ratio=0.5), weight_scale=1.0).eval()
+    control = ScoreControl(model)
+    idx = torch.randint(0, V, (3, 16))
+    with torch.no_grad():
+        model(idx, idx)
+        model(idx, idx)
+    positive1 = int((control.scores[1][0][1] > 0).sum())
+    positive2 = int((control.scores[2][0][1] > 0).sum())  # of level 2's rows, padding included: see below
+    (d1, offered1, kept1), (d2, offered2, kept2) = model.level_stats()
+    assert (d1, offered1, kept1) == (1, 2 * 48, 2 * positive1)
+    assert offered2 == kept1 and 0 < kept2 <= 2 * positive2 and kept2 < offered2
+    assert all(type(n) is int for row in model.level_stats() for n in row)  # exact counts, past float32's 2^24
+
+    model.train()
+    model.reset_level_stats()
+    control.scores.clear()
+    offsets = [lv.score_offset.clone() for lv in model.levels()]
+    model(idx, idx)
+    s1 = control.scores[1][0][1] - offsets[0]  # what the training selection compared
+    selected = torch.zeros_like(s1, dtype=torch.bool).scatter(1, s1.topk(8, dim=1).indices, True)
+    assert model.selection_stats()[0] == (1, 48, int((selected == (s1 > 0)).sum()), int(((s1 > 0) & ~selected).sum()))
+    model(idx, idx)
+    assert model.selection_stats()[0][1] == 96  # they add up
+
+
+def threshold_training_step(seed=0):
+    """One training forward and backward of a threshold-selection model whose level 1 keeps fewer tokens than its
+    capacity in some rows, so that level 2 sees padding. Returns what level 2 saw: its scores (minus the offset
+    before the step, as it compared them), their gradient, the padding mask, the offset before and after, and the
+    positions it kept, with level 1's kept positions."""
+    model = build(tiny(selection='threshold', keep_ratio=0.5, capacity_slack=0.5), seed=seed, weight_scale=1.0)
+    level1, level2 = model.levels()
+    seen = {}
+    level1.inner.register_forward_pre_hook(lambda m, args: seen.update(pos1=args[1], valid1=args[3]))
+    level2.register_forward_pre_hook(lambda m, args: seen.update(valid=args[3]))
+    level2.inner.register_forward_pre_hook(lambda m, args: seen.update(pos2=args[1], valid2=args[3]))
+
+    def keep_scores(m, args, out):
+        out.register_hook(lambda g: seen.update(grad=g.squeeze(-1)))
+        seen['scores'] = out.detach().squeeze(-1) - level2.score_offset
+    level2.scorer.register_forward_hook(keep_scores)
+    seen['offset'] = level2.score_offset.item()
+    idx = torch.randint(0, V, (4, 24), generator=torch.Generator().manual_seed(seed))
+    model(idx, idx)[1].backward()
+    seen['new_offset'] = level2.score_offset.item()
+    return model, seen
+
+
+def test_threshold_inner_level_never_takes_padding_and_neither_counts_nor_pushes_it():
+    """Level 1's short rows are right-padded; level 2 must treat that padding as absent: it never selects it, the
+    Balancer neither counts nor pushes it (no gradient reaches a padding score), the running cut ranks only real
+    tokens, and the stats do not offer it."""
+    model, seen = threshold_training_step()
+    valid, scores = seen['valid'], seen['scores']
+    assert (~valid).any() and valid.any(1).all()  # padding in some rows, real tokens in every row
+    real1 = {(b, p) for b in range(4) for p, v in zip(seen['pos1'][b].tolist(), seen['valid1'][b].tolist()) if v}
+    kept2 = {(b, p) for b in range(4) for p, v in zip(seen['pos2'][b].tolist(), seen['valid2'][b].tolist()) if v}
+    assert kept2 and kept2 <= real1  # level 2 keeps only tokens that level 1 kept
+    assert torch.equal(seen['grad'][~valid], torch.zeros(int((~valid).sum())))
+    real = scores[valid].sort(descending=True).values  # the batch's cut of its real scores, k = ceil(0.5 * n)
+    k = math.ceil(0.5 * real.numel())
+    cut = ((real[k - 1] + real[k]) / 2).item()
+    assert seen['new_offset'] == pytest.approx(seen['offset'] + 0.05 * cut, abs=1e-6)
+    assert model.selection_stats()[1][1] == int(valid.sum())  # level 2 was offered its real tokens only
+
+
+@pytest.mark.parametrize("balancer", ["spec", "strong"])
+def test_a_level_uses_the_balancer_its_config_names(balancer):
+    """At balancer probability 0 (no push), balancer='spec' passes the task gradient to the scorer untouched, while
+    'strong' takes its common mode out: the scorer's gradient tells which one the level runs."""
+    grads = {}
+    for through in ('model', 'identity'):
+        model = build(tiny(structure="T(T)T", balancer=balancer), weight_scale=1.0)
+        model.levels()[0].balancer_prob.fill_(0.0)
+        idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+        with pytest.MonkeyPatch.context() as mp:
+            if through == 'identity':
+                mp.setattr(Balancer, 'apply', lambda scores, *args: scores)
+            model(idx, idx)[1].backward()
+        grads[through] = model.levels()[0].scorer.weight.grad
+    assert torch.allclose(grads['model'], grads['identity'], atol=1e-7) == (balancer == 'spec')
+
+
+# -----------------------------------------------------------------------------
+# the Balancer (SUBLLM.md §7): its pushes on the score gradient, and what they hold over a short training
+
+
+def balancer_backward(scores, grad, keep, balancer='spec', prob=1.0, valid=None):
+    """The gradient that the Balancer passes to the scores (B, T) when the task's gradient is grad (B, T)."""
+    scores = scores.clone().requires_grad_()
+    out = Balancer.apply(scores, keep, torch.tensor(prob), valid, balancer == 'spec')
+    assert torch.equal(out, scores)  # identity forward: the loss does not change
+    out.backward(grad)
+    return scores.grad
+
+
+def scores_with(frac_positive, size, n=200):
+    """n scores, the first frac_positive of them +size and the rest -size, shuffled, as (4, n / 4)."""
+    s = torch.full((n,), -size)
+    s[:round(frac_positive * n)] = size
+    return s[torch.randperm(n, generator=torch.Generator().manual_seed(0))].view(4, -1)
+
+
+TASK_GRAD = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+G = 0.04  # the spec's gain: a push is at most 0.04 of the mean |task gradient|
+
+
+@pytest.mark.parametrize("frac, push", [(0.5, 0.0), (0.46, 0.0), (0.54, 0.0),  # inside keep +- 0.05: none
+                                        (0.2, G * (0.45 - 0.2) / 0.45), (0.0, G),   # too few positive: larger
+                                        (0.8, -G * (0.8 - 0.55) / 0.45), (1.0, -G)])  # too many: smaller
+def test_spec_balancer_pushes_every_score_by_the_distance_outside_the_band(frac, push):
+    """balancer='spec' (Zipformer's): outside keep +- 0.05 the positive fraction is pushed back, every score alike,
+    by G * mean |task gradient| * (the distance outside the band, as a fraction of the room on that side)."""
+    grad = balancer_backward(scores_with(frac, 2.0), TASK_GRAD, keep=0.5)  # |s| = 2: inside [1, 4], no size push
+    assert torch.allclose(TASK_GRAD - grad, torch.full_like(grad, push * TASK_GRAD.abs().mean()), atol=1e-7)
+
+
+@pytest.mark.parametrize("balancer", ["spec", "strong"])
+@pytest.mark.parametrize("size, push", [(0.5, G * 0.5), (0.05, G * 0.95), (1.0, 0.0), (2.5, 0.0), (4.0, 0.0),
+                                        (6.0, -G * 0.5), (12.0, -G)])
+def test_balancer_pushes_mean_abs_score_into_1_to_4(balancer, size, push):
+    """Mean |score| below 1: positive scores are pushed up and negative ones down (all grow), by
+    G/2 * (1 - mean |s|) * mean |task gradient|; above 4 they shrink, by G/2 * (mean |s| - 4) / 4; in [1, 4], none.
+    Both balancers push sizes alike (at 0.5 positive, 'strong' pushes no count)."""
+    scores = scores_with(0.5, size)
+    grad = balancer_backward(scores, TASK_GRAD, keep=0.5, balancer=balancer)
+    task = TASK_GRAD if balancer == 'spec' else TASK_GRAD - TASK_GRAD.mean()  # 'strong' drops the common mode
+    sign = torch.where(scores > 0, 1.0, -1.0)
+    assert torch.allclose(task - grad, sign * push / 2 * TASK_GRAD.abs().mean(), atol=1e-7)
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.2, 0.45, 0.5, 0.52, 0.8])
+def test_strong_balancer_pushes_the_count_in_proportion_to_the_error(frac):
+    """balancer='strong': the task gradient without its common mode, and every score pushed by
+    10 * (keep - positive fraction) * mean |task gradient|, at most 1x (also inside the spec's band)."""
+    grad = balancer_backward(scores_with(frac, 2.0), TASK_GRAD, keep=0.5, balancer='strong')
+    push = max(-1.0, min(1.0, 10 * (0.5 - frac)))
+    expected = TASK_GRAD - TASK_GRAD.mean() - push * TASK_GRAD.abs().mean()
+    assert torch.allclose(grad, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("balancer", ["spec", "strong"])
+def test_balancer_counts_and_pushes_only_real_tokens_and_sizes_by_the_tokens_the_gradient_reaches(balancer):
+    """Padding (valid False) is neither counted nor pushed; the push's unit is the mean |task gradient| over the
+    tokens it reaches (top-k gives a gradient only near the cut), not over all tokens."""
+    scores = scores_with(0.2, 2.0)  # real tokens: 0.2 positive
+    valid = torch.ones(4, 50, dtype=torch.bool)
+    valid[:, 40:] = False
+    scores[:, 40:] = 3.0  # padding, positive: counted, it would bring the fraction into the band
+    scores[:, :40] = scores_with(0.2, 2.0, n=160)
+    task = TASK_GRAD.clone()
+    task[:, 20:] = 0.0  # reaches half of the tokens
+    grad = balancer_backward(scores, task, keep=0.5, balancer=balancer, valid=valid)
+    reached_mean = task[:, :20].abs().mean()
+    push = G * (0.45 - 0.2) / 0.45 if balancer == 'spec' else 1.0
+    common = 0.0 if balancer == 'spec' else task.sum() / 80  # strong: the mean over the reached tokens
+    reached = (task != 0).float()
+    expected = task - common * reached - push * reached_mean * valid.float()
+    assert torch.allclose(grad, expected, atol=1e-6)
+    assert torch.equal(grad[:, 40:], torch.zeros(4, 10))
+
+
+@pytest.mark.parametrize("score, push", [(2.0, -G), (0.0, G / 2)])
+def test_balancer_with_one_real_token_that_the_gradient_reaches(score, push):
+    """A batch whose one real token is the only one the task gradient reaches: the fraction and sizes are its own
+    (2.0: all positive, pushed down by G; 0.0: not positive, so counted as too few, +G, and too small, -G/2 as a
+    non-positive score), in units of its own |gradient|."""
+    scores = torch.tensor([[score, 5.0, 5.0]])
+    valid = torch.tensor([[True, False, False]])
+    task = torch.tensor([[0.5, 0.0, 0.0]])
+    grad = balancer_backward(scores, task, keep=0.5, valid=valid)
+    assert torch.allclose(grad, torch.tensor([[0.5 - push * 0.5, 0.0, 0.0]]), atol=1e-7)
+
+
+def test_balancer_applies_with_its_scheduled_probability():
+    """Applied on a random fraction prob of the backward passes (set_step: 1.0 -> 0.25), never at prob 0. Seeded:
+    2000 draws, so a fraction outside 0.25 +- 0.05 would be 7 standard deviations off."""
+    scores = scores_with(0.0, 2.0)  # no positive score: a full push whenever it applies
+    torch.manual_seed(0)
+    applied = [not torch.equal(balancer_backward(scores, TASK_GRAD, 0.5, prob=0.25), TASK_GRAD) for _ in range(2000)]
+    assert abs(sum(applied) / 2000 - 0.25) < 0.05
+    assert all(torch.equal(balancer_backward(scores, TASK_GRAD, 0.5, prob=0.0), TASK_GRAD) for _ in range(50))
+
+
+@pytest.mark.parametrize("balancer, start_size, start_frac", [
+    ('spec', 0.1, 0.3), ('spec', 10.0, 0.3), ('spec', 2.0, 0.02), ('spec', 2.0, 0.95),
+    ('strong', 0.1, 0.3), ('strong', 2.0, 0.02), ('strong', 2.0, 0.95)])  # 'strong' from 10: slow, as its size push
+def test_balancer_holds_the_positive_fraction_and_mean_abs_score_over_a_short_training(balancer, start_size,
+                                                                                      start_frac):
+    """Scores trained by SGD on the Balancer's pushes alone (what it adds to a task gradient of zero mean): from too
+    small, too large, too few or too many positive scores, it brings mean |score| into [1, 4] and the positive
+    fraction into keep +- 0.05, and holds them there."""
+    keep = 0.3
+    gen = torch.Generator().manual_seed(2)
+    scores = (scores_with(start_frac, start_size) * 1.25 * torch.randn(4, 50, generator=gen).abs()).requires_grad_()
+    task = torch.randn(4, 50, generator=gen)
+    task -= task.mean()
+    lr = 5.0 if balancer == 'spec' else 0.2  # 'strong' pushes the count up to 25x harder: a smaller step is stable
+    for step in range(1500):
+        out = Balancer.apply(scores, keep, torch.tensor(1.0), None, balancer == 'spec')
+        out.backward(task)
+        with torch.no_grad():
+            scores -= lr * (scores.grad - task)
+        scores.grad = None
+        if step >= 1200:  # held, not only reached
+            s = scores.detach()
+            assert 0.95 <= s.abs().mean() <= 4.0, (step, s.abs().mean())
+            assert abs((s > 0).float().mean() - keep) <= 0.05 + 1e-6, (step, (s > 0).float().mean())
+
 
 @pytest.mark.parametrize("selection", ["topk", "threshold"])
 def test_every_parameter_gets_a_finite_gradient(selection):
@@ -354,6 +735,7 @@ def test_set_step_schedules():
     model = build(tiny(bypass_schedule_steps=100, balancer_schedule_steps=40))
     level = model.levels()[0]
     assert level.bypass.c_min.item() == pytest.approx(0.9) and level.balancer_prob.item() == 1.0
+    assert torch.equal(level.bypass.c, torch.full((32,), 0.5))  # the gate starts half open (SUBLLM.md §6)
     model.set_step(20)
     assert level.bypass.c_min.item() == pytest.approx(0.9 - 0.7 * 0.2)
     assert level.balancer_prob.item() == pytest.approx(1.0 - 0.75 * 0.5)
@@ -624,6 +1006,23 @@ def test_greedy_generation_same_with_and_without_cache(structure, record_propert
         record_property('pinned_near_ties', control.pinned)
         assert gap < LOGIT_TOL and greedy_gap(model, without, 6) < LOGIT_TOL
     assert model.training  # generate restores the mode it found
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_with_the_cache_runs_one_new_token_per_step_through_the_blocks(use_cache):
+    """With the cache, the prompt goes through the blocks once and then each step feeds only the new token (and a
+    level's blocks see at most that one token); without it every step reruns the whole sequence."""
+    model = build(tiny(structure="T(T(T)T)T"), weight_scale=1.5)
+    seen = {}  # block -> tokens per call
+    for i, block in enumerate(model.blocks()):
+        block.register_forward_pre_hook(lambda m, args, i=i: seen.setdefault(i, []).append(args[0].size(1)))
+    model.generate(torch.randint(0, V, (2, 6)), 10, use_cache=use_cache)
+    if use_cache:
+        assert seen[0] == [6] + [1] * 9 and seen[4] == [6] + [1] * 9  # the outer blocks: prefill, then one token
+        assert all(n <= 1 for i in (1, 2, 3) for n in seen.get(i, [])[1:])  # inside a level: the token, or nothing
+    else:
+        assert seen[0] == list(range(6, 16)) and seen[4] == list(range(6, 16))
+    assert all(b.attn.kv_cache is None for b in model.blocks())  # freed
 
 
 def test_cached_decoding_under_autocast(record_property):

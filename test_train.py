@@ -60,9 +60,16 @@ def interrupt_and_resume(monkeypatch, flags, out_dir, at_iter, checkpoint_iter):
     monkeypatch.setattr(SubLLM, 'set_step', interrupted_set_step)
     with pytest.raises(KeyboardInterrupt):
         train(monkeypatch, *flags, f'--out_dir={out_dir}')
-    monkeypatch.setattr(SubLLM, 'set_step', original)
     assert torch.load(out_dir / 'ckpt.pt')['iter_num'] == checkpoint_iter
+    steps = []  # the iterations that the resumed run trains
+
+    def recorded_set_step(self, step, max_steps=None):
+        steps.append(step)
+        original(self, step, max_steps)
+    monkeypatch.setattr(SubLLM, 'set_step', recorded_set_step)
     train(monkeypatch, *flags, f'--out_dir={out_dir}', '--init_from=resume')
+    monkeypatch.setattr(SubLLM, 'set_step', original)
+    assert steps[0] == checkpoint_iter  # it goes on from its checkpoint: a restart from iter 0 would match a fresh run
 
 
 def read_log(out):
@@ -117,6 +124,49 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(monkeypatch,
     assert log_a == log_b  # the same losses, exactly
     model_a, model_b = (torch.load(tmp_path / d / 'ckpt.pt')['model'] for d in 'ab')
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+
+
+def test_a_resumed_process_runs_only_the_iterations_after_its_checkpoint_and_restores_the_random_state(tmp_path,
+                                                                                                      data):
+    """As a user runs it (processes): a run stopped at iter 6 resumes from its checkpoint of iter 4 and trains only
+    iterations 4 to 11. It restores the weights, the optimizer and every random state from the checkpoint, so that
+    resumed with another --seed it still ends exactly as the uninterrupted run: a restart from iter 0 cannot, and
+    neither can a resume that draws its batches or dropout from the new seed."""
+    wrapper = tmp_path / 'train_and_record_steps.py'  # train.py, writing each iteration it trains to STEPS_FILE
+    wrapper.write_text("import os, runpy, model\n"
+                       "original = model.SubLLM.set_step\n"
+                       "def set_step(self, step, max_steps=None):\n"
+                       "    if step == int(os.environ.get('STOP_AT', -1)):\n"
+                       "        raise KeyboardInterrupt  # Ctrl-C at the start of that iteration\n"
+                       "    with open(os.environ['STEPS_FILE'], 'a') as f:\n"
+                       "        f.write(f'{step}\\n')\n"
+                       "    original(self, step, max_steps)\n"
+                       "model.SubLLM.set_step = set_step\n"
+                       f"runpy.run_path({TRAIN!r}, run_name='__main__')\n")
+    flags = [*TINY, *data, '--max_iters=12', '--eval_interval=4', '--learning_rate=3e-3', '--dropout=0.1']
+
+    def run(out, name, *extra, stop_at=-1):
+        env = dict(env1(), STEPS_FILE=str(tmp_path / name), STOP_AT=str(stop_at))
+        p = subprocess.run([sys.executable, str(wrapper), *flags, f'--out_dir={tmp_path / out}', *extra],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+        return p, [int(line) for line in (tmp_path / name).read_text().split()]
+    p, steps_a = run('a', 'a.steps')
+    assert p.returncode == 0, p.stderr[-3000:]
+    p, steps_b = run('b', 'b.steps', stop_at=6)
+    assert p.returncode != 0 and steps_b == [0, 1, 2, 3, 4, 5]
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt')['iter_num'] == 4
+    p, steps_resumed = run('b', 'resumed.steps', '--init_from=resume', '--seed=7')
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "seed=7 (was 1337)" in p.stdout  # said, not refused: the states come from the checkpoint
+    assert steps_a == list(range(12)) and steps_resumed == list(range(4, 12))
+    log_a, log_b = read_log(tmp_path / 'a'), read_log(tmp_path / 'b')
+    for r in log_a + log_b:
+        r.pop('time_s')
+    assert [r['iter'] for r in log_b] == [0, 4, 8, 12] and log_a == log_b
+    ckpt_a, ckpt_b = (torch.load(tmp_path / d / 'ckpt.pt') for d in 'ab')
+    assert all(torch.equal(ckpt_a['model'][k], ckpt_b['model'][k]) for k in ckpt_a['model'])
+    for state_a, state_b in zip(ckpt_a['optimizer']['state'].values(), ckpt_b['optimizer']['state'].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)  # Adam's moments too
 
 
 @pytest.mark.parametrize("selection", ["topk", "threshold"])
