@@ -12,7 +12,7 @@ tokens whose score was > 0, per level), and for decode the ratio of blocks run p
 shows the overhead of scoring, sorting, gathering and scattering.
 
     python bench.py                              # GPU: the 0.25B paper config at 2k,4k,8k; CPU: a tiny one, < 1 min
-    python bench.py --preset=mid                 # 32.6M params, T=1024, decode at batch 1 and 4: ~2 min on a CPU
+    python bench.py --preset=mid                 # 32.6M params, T=1024, decode at batch 1, 4 and 64: ~6 min on a CPU
     python bench.py --preset=1300m --json=bench_1300m.json
     python bench.py --init_from=out-subllm-250m  # dims and trained scorers of a train.py checkpoint
     python bench.py --structure=R --seq_lens=256,512,1024,2048,4096   # a recurrent block against one plain block
@@ -42,7 +42,7 @@ from flops import forward_flops, gpu_peak_flops
 from model import SubLLM, SubLLMConfig, Level, RecurrentBlock, Stack, llama_twin
 
 PAPER = 'TTTTT(TTTTT(TTTT)TTTTT)TTTTT'  # 24 blocks, two nested levels (SUBLLM.md §2)
-PRESETS = {  # the paper's two sizes, and a tiny and a mid-sized one for a CPU (mid: < 3 min on 2 busy cores)
+PRESETS = {  # the paper's two sizes, and a tiny and a mid-sized one for a CPU (mid: ~6 min on 2 busy cores)
     'tiny': dict(n_embd=128, n_head=4, ffn_hidden=512, vocab_size=512, structure='TT(TT(TT)TT)TT',
                  seq_lens='256,512', tokens_per_batch=1024),
     'mid': dict(n_embd=512, n_head=8, ffn_hidden=1408, vocab_size=512, structure='TT(TT(TT)TT)TT',  # 32.6M
