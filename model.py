@@ -508,16 +508,14 @@ class Level(nn.Module):
             real = torch.ones_like(selected) if valid is None else valid
             positive = (scores > 0) & real
             self.stats[2:] += torch.stack([real.sum(), ((selected == positive) & real).sum(), (positive & ~selected).sum()])
-        elif self.inner.cache_lens is None:  # eval, a whole sequence: `score > 0`, token by token
-            idx, weights, kept = subsample_eval(scores, valid)
-            counts = None
+        else:  # eval: `score > 0`, token by token
+            if self.inner.cache_lens is None:  # a whole sequence: one graph under torch.compile whatever K is
+                (idx, weights, kept), counts = subsample_eval(scores, valid), None
+            else:  # decoding with the cache: which rows enter decides the code path, so the counts come to the host
+                idx, weights, kept, counts, _ = subsample_threshold(scores, valid)
             self.stats[0] += x.size(0) * x.size(1) if valid is None else valid.sum()
             self.stats[1] += kept.sum()
-        else:  # decoding with the cache: which rows enter decides the code path, so the counts come to the host
-            idx, weights, kept, counts, _ = subsample_threshold(scores, valid)
-            self.stats[0] += x.size(0) * x.size(1) if valid is None else valid.sum()
-            self.stats[1] += kept.sum()
-            entering = [i for i, c in enumerate(counts) if c > 0]
+            entering = list(range(x.size(0))) if counts is None else [i for i, c in enumerate(counts) if c > 0]
             if len(entering) < x.size(0):  # a row that no token enters takes the skip path (out = x): run the
                 if not entering:           # inner blocks for the others only (decoding at batch > 1)
                     return x
