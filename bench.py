@@ -37,9 +37,10 @@ from json import dump
 import torch
 from tqdm import tqdm
 
-from configurator import check_ranges, configure, load_checkpoint
+from configurator import check_ranges, configure
 from flops import forward_flops, gpu_peak_flops
 from model import SubLLM, SubLLMConfig, Level, RecurrentBlock, Stack, llama_twin
+from run_dir import load_checkpoint
 
 PAPER = 'TTTTT(TTTTT(TTTT)TTTTT)TTTTT'  # 24 blocks, two nested levels (SUBLLM.md §2)
 PRESETS = {  # the paper's two sizes, and a tiny and a mid-sized one for a CPU (mid: ~6 min on 2 busy cores)

@@ -10,9 +10,7 @@ takes the type of the setting's default (an int is fine for a float); a mistake 
 says what to do. --help prints the script's docstring and every setting with its default and its comment.
 check_ranges() then checks each numeric setting against its valid range, up front, with the same one-line errors.
 prepare.py's settings are the keyword arguments of its prepare(): function_namespace() makes them a namespace.
-
-The scripts also share here the reading of a train.py checkpoint (load_checkpoint): one line for a missing or
-damaged file, and a fall back to ckpt_prev.pt, the checkpoint before it, which train.py keeps.
+resolve_device() turns the device and dtype settings into what this machine runs.
 """
 import inspect
 import os
@@ -163,40 +161,28 @@ def function_namespace(fn):
     return namespace
 
 
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def load_checkpoint(out_dir, keys=('model', 'model_args'), missing=None, say=print):
-    """out_dir/ckpt.pt, loaded on the CPU (loading onto the GPU can run out of memory), as a dict that has these
-    keys. train.py keeps the checkpoint before it as ckpt_prev.pt: when ckpt.pt is missing or damaged (a crash or a
-    full disk while it was copied, an empty or foreign file), load_checkpoint says so in one line (through say) and
-    loads ckpt_prev.pt. Returns (checkpoint, path); when neither loads, a one-line SystemExit: `missing` when there
-    is no checkpoint at all (default: "no checkpoint at out_dir/ckpt.pt")."""
+def resolve_device(device, dtype):
+    """The device and dtype settings of train.py and sample.py, checked against this machine: 'auto' becomes cuda
+    when there is a GPU (else cpu), and bfloat16 where the GPU has it (else float16; float32 off the GPU). Returns
+    (device, device_type, dtype), device_type one of cpu, cuda, mps; a setting that cannot run here is one line."""
     import torch  # here, so that the settings parser does not need torch
-    problems = []
-    for name in ('ckpt.pt', 'ckpt_prev.pt'):
-        path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            checkpoint = torch.load(path, map_location='cpu')
-        except Exception as e:
-            why = 'an empty file' if os.path.isfile(path) and os.path.getsize(path) == 0 else \
-                f"{type(e).__name__}: {first_line(e).split('. ')[0][:120]}"
-            problems.append(f"{path} cannot be read ({why})")
-            continue
-        lacks = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
-        if lacks:
-            problems.append(f"{path} is not a checkpoint of train.py (it has no {', '.join(lacks)})")
-            continue
-        if name != 'ckpt.pt':
-            first = problems[0] if problems else f"no {os.path.join(out_dir, 'ckpt.pt')}"
-            say(f"{first}: using {path} instead, the checkpoint before it (iter {checkpoint.get('iter_num')})")
-        return checkpoint, path
-    if not problems:
-        raise SystemExit(missing or f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
-    if not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-        problems.insert(0, f"no {os.path.join(out_dir, 'ckpt.pt')}")
-    damaged = any('cannot be read' in p for p in problems)
-    raise SystemExit('; '.join(problems) + (', and there is no ckpt_prev.pt beside it' if len(problems) == 1 else '')
-                     + (': damaged (a crash or a full disk while it was written or copied?)' if damaged else ''))
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+    if device_type not in ('cpu', 'cuda', 'mps') or not re.fullmatch(r'[a-z]+(:\d+)?', device):
+        raise SystemExit(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f"--device={device}, but this torch ({torch.__version__}) sees no CUDA GPU: use --device=cpu, "
+                         f"or --device=auto (the GPU when there is one)")
+    if device_type == 'cuda' and ':' in device and int(device.split(':')[1]) >= torch.cuda.device_count():
+        raise SystemExit(f"--device={device}, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device_type == 'mps' and not torch.backends.mps.is_available():
+        raise SystemExit("--device=mps, but this torch sees no Apple GPU (MPS): use --device=cpu")
+    if dtype == 'auto':
+        dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise SystemExit(f"--dtype must be one of auto, float32, bfloat16, float16, got {dtype!r}")
+    if dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise SystemExit("--dtype=bfloat16, but this GPU does not support it: use --dtype=float16 (or auto)")
+    return device, device_type, dtype

@@ -1,3 +1,5 @@
+import signal
+
 import pytest
 import torch
 
@@ -9,3 +11,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers():
+    """train.py run in this process (runpy) catches SIGTERM and SIGUSR1 for its preemption save, and puts pytest's
+    handlers back when it ends; a run that a test stops with an exception does not: put them back here."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)

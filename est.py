@@ -88,6 +88,13 @@ def est_stage(it, max_iters, stage1_end, stage2_end):
     return 1 if it < stage1_end * max_iters else 2 if it < stage2_end * max_iters else 3
 
 
+def est_plan(max_iters, stage1_end, stage2_end, p_heads, p_units, p_layers):
+    """The stages of a run of max_iters, in one line."""
+    stage1, stage2 = math.ceil(stage1_end * max_iters), math.ceil(stage2_end * max_iters)
+    return (f"EST: stage 1 iters [0, {stage1}) with heads x{p_heads:g}, units x{p_units:g}, blocks x{p_layers:g}; "
+            f"stage 2 [{stage1}, {stage2}) all blocks; stage 3 [{stage2}, {max_iters}) full model")
+
+
 def subnetwork_at(model, it, seed, stage, p_heads, p_units, p_layers):
     """The sub-network of iteration it in this stage (None in stage 3: the full model). It depends on (seed, it)
     only, not on the rank or on any random state: every DDP rank and every micro-step of the step, and a resumed

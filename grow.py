@@ -1,13 +1,16 @@
 """
 Growing a trained model into a deeper one: Transformer Layer Injection (TLI, arXiv 2410.11654) and the Depth
 Up-Scaling baseline (DUS, SOLAR, arXiv 2312.15166). train.py --init_from=grow uses it; docs/growth.md has the
-experiment. The structure string places every block of the grown model, so a SUBLLM's levels grow with it.
+experiment (grow_checkpoint reads and grows a run's checkpoint for it). The structure string places every block of
+the grown model, so a SUBLLM's levels grow with it.
 """
+import os
 from dataclasses import replace
 
 import torch
 
 from model import SubLLM, parse_structure
+from run_dir import load_checkpoint, model_from
 
 
 def tli_structure(structure, k):
@@ -92,3 +95,22 @@ def grow(model, method='tli', k=2, init='copy_zero', m=2):
         new.bypass.load_state_dict(levels[i].bypass.state_dict())
         new.score_offset.copy_(levels[i].score_offset)
     return grown.train(model.training)
+
+
+def grow_checkpoint(out_dir, method, k, init, m, say=print):
+    """train.py --init_from=grow: the model of out_dir's checkpoint (ckpt_prev.pt if ckpt.pt is damaged), grown (on
+    the CPU, in train mode); a problem ends the run with one line."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    missing = f"init_from=grow needs --grow_from=OUT_DIR of a trained model: no checkpoint at {path}"
+    if not out_dir:
+        raise SystemExit(missing)
+    source, path = load_checkpoint(out_dir, ('model', 'model_args', 'iter_num'), missing=missing, say=say)
+    base = model_from(source, path)
+    try:
+        grown = grow(base, method=method, k=k, init=init, m=m)
+    except ValueError as e:
+        raise SystemExit(f"cannot grow {path}: {e}") from None
+    how = f"TLI k={k}, {init}" if method == 'tli' else f"DUS m={m}"
+    say(f"grown ({how}) from {path} (iter {source['iter_num']}): {len(base.blocks())} blocks "
+        f"{base.config.structure} -> {len(grown.blocks())} blocks {grown.config.structure}")
+    return grown

@@ -37,7 +37,8 @@ class SubLLMConfig:
     # Three choices of ours that the paper does not make (README, deviations), switchable for the quality ablations
     scorer_norm: bool = True        # the scorer reads rms_norm(x); False: the raw residual stream x (the paper)
     balancer: str = 'spec'          # 'spec': Zipformer's, gain 0.04; 'strong': gain 10, common mode removed
-    running_cut: bool = True        # subtract a running average of the top-k cut from the scores (Level.track_cut)
+    running_cut: str = 'batch'      # subtract a running average of the top-k cut: of the 'batch', the mean of its
+                                    # 'rows' (what earlier runs used), or 'off' (Level.track_cut)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -57,6 +58,8 @@ class SubLLMConfig:
             self.ffn_hidden = 256 * math.ceil(int(8 * self.n_embd / 3) / 256)
         if isinstance(self.keep_ratio, list):
             self.keep_ratio = tuple(self.keep_ratio)
+        if isinstance(self.running_cut, bool):  # checkpoints before running_cut had a scope: True was 'rows'
+            self.running_cut = 'rows' if self.running_cut else 'off'
         depth = max_depth(parse_structure(self.structure))
         ratios = self.keep_ratio if isinstance(self.keep_ratio, tuple) else (self.keep_ratio,) * depth
         head_size = self.n_embd // self.n_head
@@ -69,6 +72,7 @@ class SubLLMConfig:
                 (all(0.0 < r <= 1.0 for r in ratios), f"keep_ratio {self.keep_ratio} must be in (0, 1]"),
                 (self.selection in ('topk', 'threshold'), "selection must be 'topk' or 'threshold'"),
                 (self.balancer in ('strong', 'spec'), "balancer must be 'strong' or 'spec'"),
+                (self.running_cut in ('batch', 'rows', 'off'), "running_cut must be 'batch', 'rows' or 'off'"),
                 (self.capacity_slack >= 0, f"capacity_slack must be >= 0, got {self.capacity_slack}"),
                 (self.rec_window >= 1, f"rec_window={self.rec_window} must be at least 1"),
                 (0.0 <= self.rec_alpha <= 1.0, f"rec_alpha={self.rec_alpha} must be in [0, 1]")]:
@@ -465,11 +469,17 @@ class Level(nn.Module):
 
     @torch.no_grad()
     def track_cut(self, scores, valid=None, momentum=0.05):
-        """Move score_offset towards the score between the top k = ceil(keep * n) of each row's n real tokens and the
-        rest, like BatchNorm's running mean. With the Balancer alone the eval-time kept fraction swung between 0.46
-        and 0.96 in config/parity_subllm.py; with it, within 0.07 of keep from iter 300 on. Top-k is unchanged by it;
-        it moves after the batch's selection, the same for every token, so it leaks nothing."""
+        """Move score_offset towards the top-k cut of the batch, like BatchNorm's running mean, so that eval's
+        `score > 0` keeps about keep_ratio of the tokens. With the Balancer alone the eval-time kept fraction swung
+        between 0.46 and 0.96 in config/parity_subllm.py. Top-k is unchanged by it; it moves after the batch's
+        selection, the same for every token, so it leaks nothing. running_cut='batch': the score between the
+        ceil(keep * n) largest of the batch's n real tokens and the rest, the one threshold that keeps keep_ratio of
+        them, as eval's single threshold must. 'rows': the mean of each row's own cut, which keeps less than
+        keep_ratio once rows differ in their score level (docs/quality.md)."""
         B, T = scores.shape
+        if self.config.running_cut == 'batch':
+            scores, valid = scores.reshape(1, -1), None if valid is None else valid.reshape(1, -1)
+            B, T = scores.shape
         n = torch.full((B,), T, device=scores.device) if valid is None else valid.sum(1)  # (B,) real tokens
         k = torch.ceil(self.keep_ratio * n).long()
         ranked = scores if valid is None else scores.masked_fill(~valid, -math.inf)
@@ -496,7 +506,7 @@ class Level(nn.Module):
         scores = self.scorer(F.rms_norm(x, (x.size(-1),)) if cfg.scorer_norm else x).squeeze(-1).float()
         scores = scores - self.score_offset
         if self.training:
-            if cfg.running_cut:
+            if cfg.running_cut != 'off':
                 self.track_cut(scores, valid)
             scores = Balancer.apply(scores, self.keep_ratio, self.balancer_prob, valid, cfg.balancer == 'spec')
             if cfg.selection == 'topk':
@@ -582,6 +592,17 @@ class SubLLM(nn.Module):
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights are one parameter, counted once
+
+    def describe(self):
+        """What this model is, in one line: SUBLLM (its levels), recurrent, or the LLaMA baseline."""
+        c, levels = self.config, self.levels()
+        if levels:
+            return (f"SUBLLM, structure {c.structure}, keep ratio per level (depth): "
+                    + ', '.join(f"{lv.keep_ratio:g} (d{lv.depth})" for lv in levels))
+        if 'R' in c.structure:
+            return (f"recurrent, structure {c.structure}, window {c.rec_window}, alpha {c.rec_alpha:g}"
+                    + (" (learned)" if c.rec_learn_alpha else " (forget)" if c.rec_alpha == 0 else ""))
+        return f"LLaMA baseline, structure {c.structure} (no subsampled levels)"
 
     def set_step(self, step, max_steps=None):
         """Advance the training schedules: bypass c_min 0.9 -> 0.2, balancer probability 1.0 -> 0.25, linearly.

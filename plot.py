@@ -8,35 +8,27 @@ method: SUBLLM spends fewer per token) and against wall time.
 matplotlib is optional (pip install matplotlib); without it the table is still printed. A line of a log that is not
 a record (cut short by a crash, a bad edit) is skipped, and said.
 """
-import json
 import os
 import sys
+
+from run_dir import read_log, shown
 
 
 FIELDS = ('iter', 'tokens', 'time_s', 'val_loss')  # what every record of train.py has, and the table needs
 
 
-def read_log(out_dir):
+def records_of(out_dir):
+    """The records of out_dir/log.jsonl (run_dir.read_log); a line that is not one is skipped, and said."""
     path = os.path.join(out_dir, 'log.jsonl')
     if not os.path.isfile(path):
         sys.exit(f"error: {path} not found: train first (python train.py ... --out_dir={out_dir})")
-    records, bad = [], []
     try:
-        with open(path, encoding='utf-8', errors='replace') as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    ok = isinstance(record, dict) and all(isinstance(record.get(k), (int, float)) for k in FIELDS)
-                except ValueError:
-                    ok = False
-                (records.append(record) if ok else bad.append(number))
+        records, _, bad = read_log(path, [(k, (int, float)) for k in FIELDS])
     except OSError as e:
         sys.exit(f"error: cannot read {path} ({e.strerror or e})")
     if bad:
-        shown = ', '.join(map(str, bad[:5])) + (' ...' if len(bad) > 5 else '')
-        print(f"{path}: skipped {len(bad)} line(s) that are not records of train.py (line {shown})", file=sys.stderr)
+        print(f"{path}: skipped {len(bad)} line(s) that are not records of train.py (line {shown(bad)})",
+              file=sys.stderr)
     if not records:
         sys.exit(f"error: {path} has no records: the run has not reached its first eval yet")
     return records
@@ -120,7 +112,7 @@ if __name__ == '__main__':
     if not args or set(flags) - {'png'} or flags.get('png') == '':
         sys.exit("usage: python plot.py OUT_DIR [OUT_DIR ...] [--png=path.png]")
     names = [os.path.basename(os.path.normpath(d)) for d in args]
-    runs = {name if names.count(name) == 1 else os.path.normpath(d): read_log(d) for name, d in zip(names, args)}
+    runs = {name if names.count(name) == 1 else os.path.normpath(d): records_of(d) for name, d in zip(names, args)}
     print(table(runs))
     if 'png' in flags:
         plot(runs, flags['png'])

@@ -18,9 +18,8 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import check_ranges, configure, first_line, load_checkpoint
-from model import SubLLMConfig, SubLLM
-from prepare import get_tokenizer
+from configurator import check_ranges, configure, first_line, resolve_device
+from run_dir import load_trained
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'             # reads out_dir/ckpt.pt
@@ -41,41 +40,14 @@ check_ranges(globals(), {'num_samples': '[1, inf)', 'max_new_tokens': '[1, inf)'
                          'top_k': ('[0, inf)', ' (0: sample among all tokens)'), 'seed': '[0, inf)'})
 
 # device and precision: autocast on the GPU, plain float32 on the CPU
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
-if device_type not in ('cpu', 'cuda', 'mps'):
-    raise SystemExit(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-if device_type == 'cuda' and not torch.cuda.is_available():
-    raise SystemExit(f"--device={device}, but this torch sees no CUDA GPU: use --device=cpu")
-if device_type == 'mps' and not torch.backends.mps.is_available():
-    raise SystemExit("--device=mps, but this torch sees no Apple GPU (MPS): use --device=cpu")
-try:
-    torch.device(device)
-except RuntimeError:
-    raise SystemExit(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}") from None
-if dtype == 'auto':
-    dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    raise SystemExit(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+device, device_type, dtype = resolve_device(device, dtype)  # 'auto' resolved, and checked against this machine
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere and newer
 torch.manual_seed(seed)
 
 # the model and its tokenizer, from the checkpoint (ckpt_prev.pt, the one before it, if ckpt.pt is damaged)
-checkpoint, ckpt_path = load_checkpoint(out_dir, ('model', 'model_args', 'meta'), missing=(
-    f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: train a model first (python train.py config/tiny_cpu.py "
-    f"writes out-tiny/ckpt.pt) or pass --out_dir=DIR of a run that saved one"))
-try:
-    model = SubLLM(SubLLMConfig(**checkpoint['model_args']))
-    # checkpoints of a compiled model (older ones) carry an '_orig_mod.' prefix
-    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
-except (TypeError, ValueError, RuntimeError, AttributeError) as e:
-    raise SystemExit(f"{ckpt_path} does not fit this model.py: {' '.join(str(e).split())[:300]}") from None
-tok = get_tokenizer(getattr(checkpoint['meta'], 'get', {}.get)('tokenizer'))  # a PrepareError (one line) when gpt2 cannot load offline
-if tok.vocab_size > model.config.vocab_size:
-    raise SystemExit(f"tokenizer {tok.name} has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+model, tok, checkpoint, ckpt_path = load_trained(out_dir)
 print(f"{ckpt_path}: iter {checkpoint.get('iter_num')}, {model.get_num_params() / 1e6:.2f}M parameters, "
       f"structure {model.config.structure}, {tok.name} tokens")
 checkpoint = None  # free the memory

@@ -318,6 +318,27 @@ def test_running_offset_tracks_the_top_k_cut():
     assert torch.equal(level.score_offset, before)  # only training moves it
 
 
+@pytest.mark.parametrize("running_cut, offset, positive", [("batch", 7.5, 12), ("rows", 53.5, 10)])
+def test_batch_cut_keeps_keep_ratio_of_rows_at_different_score_levels(running_cut, offset, positive):
+    """Row 0 scores 100..109, row 1 scores 0..9, keep 0.6. Each row's own cut (103.5, 3.5) averages to 53.5, a
+    threshold that keeps 10 of the 20 tokens (0.5); the batch's cut sits between its 12th and 13th largest (8, 7),
+    at 7.5, and keeps 12 (0.6), as eval's one threshold must. Padding is neither counted nor ranked."""
+    level = build(tiny(keep_ratio=0.6, running_cut=running_cut)).levels()[0]
+    scores = torch.stack([torch.arange(10.0) + 100, torch.arange(10.0)])
+    level.track_cut(scores, momentum=1.0)
+    assert level.score_offset.item() == offset
+    assert ((scores - level.score_offset) > 0).sum().item() == positive
+    level.score_offset.zero_()
+    level.track_cut(scores, momentum=0.05)  # like a running mean: a step moves it by momentum * the cut
+    assert level.score_offset.item() == pytest.approx(0.05 * offset)
+    if running_cut == 'batch':  # row 1's last 5 tokens are padding, with scores that would rank first
+        level.score_offset.zero_()
+        padded = torch.cat([scores[:, :5], torch.tensor([[105.0] * 5, [1000.0] * 5])], dim=1)
+        valid = torch.tensor([[True] * 10, [True] * 5 + [False] * 5])
+        level.track_cut(padded, valid, momentum=1.0)  # 15 real tokens: between the 9th and 10th largest, 101, 100
+        assert level.score_offset.item() == 100.5
+
+
 @pytest.mark.parametrize("selection", ["topk", "threshold"])
 def test_every_parameter_gets_a_finite_gradient(selection):
     model = build(tiny(n_kv_head=2, selection=selection))

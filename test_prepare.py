@@ -18,6 +18,7 @@ import requests
 import tiktoken
 
 import prepare
+import tokenizer
 from prepare import PrepareError, get_tokenizer
 
 HERE = Path(__file__).parent
@@ -146,13 +147,13 @@ def test_gpt2_from_a_local_bpe_file(monkeypatch, tmp_path):
     data = ''.join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(ranks)).encode()
     (tmp_path / 'gpt2.tiktoken').write_bytes(data)
     monkeypatch.setenv('GPT2_BPE_FILE', str(tmp_path / 'gpt2.tiktoken'))
-    monkeypatch.setattr(prepare, 'GPT2_BPE_SHA256', hashlib.sha256(data).hexdigest())
+    monkeypatch.setattr(tokenizer, 'GPT2_BPE_SHA256', hashlib.sha256(data).hexdigest())
     monkeypatch.setattr(tiktoken, 'get_encoding', fail_offline)  # the file, not the cache or the network
     tok = get_tokenizer('auto')
     assert (tok.name, tok.eot_token, tok.encode('hehe!')) == ('gpt2', 50256, [256, 256, 33])
     assert tok.decode(tok.encode('Ünïcödé 🙂')) == 'Ünïcödé 🙂'
     # another file: an error in one line, with --tokenizer=auto too (the user asked for that file: no fallback)
-    monkeypatch.setattr(prepare, 'GPT2_BPE_SHA256', '0' * 64)
+    monkeypatch.setattr(tokenizer, 'GPT2_BPE_SHA256', '0' * 64)
     for name in ('gpt2', 'auto'):
         with pytest.raises(PrepareError, match="is not GPT-2's BPE file .*openai-whisper") as e:
             get_tokenizer(name)
@@ -246,7 +247,7 @@ def test_interrupted_run_keeps_old_output_and_no_temp_files(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return list(data)
 
-    monkeypatch.setattr(prepare.ByteTokenizer, 'encode', interrupted)
+    monkeypatch.setattr(tokenizer.ByteTokenizer, 'encode', interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(input=str(tmp_path / 'in'), tokenizer='byte', out_root=str(tmp_path / 'data'))
     after = load(tmp_path / 'data' / 'in')  # also asserts no *.tmp is left
@@ -411,6 +412,45 @@ def test_max_tokens_stops_early_and_reruns_continue_after_the_finished_shards(tm
     # other settings on the same output: an error, not a silent mix or a restart that throws hours away
     with pytest.raises(PrepareError, match=r"holds shards made with other settings \(shard_tokens 2000 -> 3000\)"):
         prepare.prepare(**{**args, 'shard_tokens': 3000}, out_root=str(out))
+
+
+def test_the_same_command_again_rewrites_a_shard_cut_short(tmp_path, capsys):
+    """A complete set whose shard was truncated (a copy cut short): the rerun that train.py asks for redoes it."""
+    write_jsonl(tmp_path / 'in' / 'docs.jsonl', DOCS)
+    args = dict(input=str(tmp_path / 'in' / '*.jsonl'), tokenizer='byte', shard_tokens=2000, val_tokens=1000,
+                num_proc=1, out_root=str(tmp_path / 'data'))
+    full = prepare.prepare(**args)
+    _, all_tokens = load_shards(tmp_path / 'data' / 'in')
+    os.truncate(tmp_path / 'data' / 'in' / 'train_000001.bin', 1000)
+    capsys.readouterr()
+    assert prepare.prepare(**args) == full
+    assert 'nothing to do' not in capsys.readouterr().out
+    assert load_shards(tmp_path / 'data' / 'in')[1].tolist() == all_tokens.tolist()
+
+
+def test_a_small_corpus_just_works_with_a_val_shard_of_one_percent(tmp_path, capsys):
+    """Fewer tokens than twice the default --val_tokens (10M): ~1% (here at least 4096) for val, and it says so.
+    An explicit --val_tokens is honoured, or refused when the corpus cannot give it."""
+    docs = [f'{i} {DOCS[i % 300] or ""}' for i in range(6000)]
+    write_jsonl(tmp_path / 'in' / 'docs.jsonl', docs)
+    meta = prepare.prepare(input=str(tmp_path / 'in' / '*.jsonl'), tokenizer='byte', shard_tokens=200_000, num_proc=1,
+                           out_root=str(tmp_path / 'data'))
+    m, tokens = load_shards(tmp_path / 'data' / 'in')
+    assert m == meta and meta['complete'] and tokens.tolist() == byte_stream(docs)
+    n = len(tokens)
+    sizes = [s['tokens'] for s in meta['val_shards'] + meta['train_shards']]
+    assert sizes[0] == max(n // 100, 4096) and set(sizes[1:-1]) <= {200_000} and sum(sizes) == n
+    assert f"only {n:,} tokens, fewer than twice the default --val_tokens=10,000,000: val_000000.bin gets " \
+           f"{sizes[0]:,} of them (~1%)" in capsys.readouterr().out
+    assert prepare.prepare(input=str(tmp_path / 'in' / '*.jsonl'), tokenizer='byte', shard_tokens=200_000,
+                           num_proc=1, out_root=str(tmp_path / 'data')) == meta  # the same command again
+    assert 'nothing to do' in capsys.readouterr().out
+    meta = prepare.prepare(input=str(tmp_path / 'in' / '*.jsonl'), tokenizer='byte', val_tokens=5000, num_proc=1,
+                           out_root=str(tmp_path / 'explicit'))
+    assert meta['val_shards'][0]['tokens'] == 5000
+    with pytest.raises(PrepareError, match=rf"only {n:,} tokens in .*: fewer than --val_tokens=1,000,000 for val"):
+        prepare.prepare(input=str(tmp_path / 'in' / '*.jsonl'), tokenizer='byte', val_tokens=1_000_000, num_proc=1,
+                        out_root=str(tmp_path / 'refused'))
 
 
 def test_killed_run_resumes_to_the_same_shards(tmp_path):

@@ -116,3 +116,36 @@ def test_command_line_errors(ckpt, tmp_path, args, words):
                        cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
     assert r.returncode == 1 and 'Traceback' not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr
+
+
+def test_diagnose_reports_what_the_levels_keep(tmp_path, monkeypatch, capsys):
+    """diagnose.py on a checkpoint: per level, the kept fraction equals the model's own eval-mode count on the same
+    crops fed one at a time, and mean |score| and the soft weights are those of the scores w . x - offset."""
+    out_dir = str(tmp_path / 'out')
+    save_checkpoint(out_dir)
+    checkpoint = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)
+    checkpoint['config'] = {'out_dir': out_dir, 'dataset': 'toy', 'block_size': 48}
+    for key in [k for k in checkpoint['model'] if k.endswith('score_offset')]:  # a trained model's running cut
+        checkpoint['model'][key] = torch.tensor(0.02)
+    torch.save(checkpoint, os.path.join(out_dir, 'ckpt.pt'))
+    os.makedirs(tmp_path / 'data' / 'toy')
+    val = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16)
+    val.tofile(tmp_path / 'data' / 'toy' / 'val.bin')
+    report = tmp_path / 'diag.json'
+    monkeypatch.setattr(sys, 'argv', ['diagnose.py', f'--out_dir={out_dir}', f'--data_dir={tmp_path / "data"}',
+                                      '--rows=4', f'--json={report}'])
+    runpy.run_path(os.path.join(HERE, 'diagnose.py'), run_name='__main__')
+    assert re.search(r"^\s+2\s+0\.64\s+0\.\d{3}\s", capsys.readouterr().out, re.M)  # a row per level
+    levels = __import__('json').loads(report.read_text())['levels']
+
+    model = SubLLM(SubLLMConfig(**checkpoint['model_args']))
+    model.load_state_dict(checkpoint['model'])
+    model.eval()
+    starts = torch.randint(len(val) - 48, (4,), generator=torch.Generator().manual_seed(1337)).tolist()
+    with torch.no_grad():
+        for s in starts:
+            model(torch.from_numpy(val[s:s + 48].astype(np.int64))[None])
+    assert len(levels) == 2
+    for row, (depth, offered, kept) in zip(levels, model.level_stats()):
+        assert row['depth'] == depth and row['kept'] == pytest.approx(kept / offered)
+        assert 1 >= row['kept_at_weight_1'] >= 0 and 0 < row['mean_weight_kept'] <= 1 and row['mean_abs_score'] > 0

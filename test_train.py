@@ -89,8 +89,10 @@ def test_loss_falls_on_a_repeated_batch_and_checkpoint_has_what_sample_needs(mon
     if structure == 'TTTTTT':  # the LLaMA baseline: same script, no levels
         assert set(log[-1]) == fields
     else:
-        assert set(log[-1]) == fields | {'val_loss_train_selection', 'kept', 'agree', 'dropped'}
-        assert len(log[-1]['kept']) == 2 and all(0 <= k <= 1 for k in log[-1]['kept'])
+        assert set(log[-1]) == fields | {'val_loss_train_selection', 'kept', 'kept_train', 'agree', 'dropped'}
+        for key in ('kept', 'kept_train'):
+            assert len(log[-1][key]) == 2 and all(0 <= k <= 1 for k in log[-1][key])
+        assert log[-1]['kept'] != log[-1]['kept_train']  # two samples: the val batches and the train batches
 
     # the checkpoint and the one before it (saved at iters 20 and 30); no ckpt.pt.tmp, no train.lock left behind
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'ckpt_prev.pt', 'log.jsonl']
@@ -352,3 +354,21 @@ def test_bare_torchrun_runs_the_defaults_on_2_processes_and_refuses_3(tmp_path):
     assert p.returncode != 0
     assert 'gradient_accumulation_steps=8 counts micro-steps over all processes, so it must be divisible by the ' \
            'number of processes (3)' in p.stderr
+
+
+@pytest.mark.parametrize('size', [1000, 3001])  # cut short (an interrupted copy), and an odd byte size
+def test_a_shard_whose_size_disagrees_with_meta_json_is_one_line_naming_it(monkeypatch, tmp_path, size):
+    data = make_shards(tmp_path / 'data', [np.zeros(2000), np.zeros(1500)], [np.zeros(500)])
+    os.truncate(tmp_path / 'data' / 'shards' / 'train_000001.bin', size)
+    with pytest.raises(SystemExit) as e:
+        train(monkeypatch, *TINY, *data, f'--out_dir={tmp_path / "out"}', '--max_iters=1')
+    assert str(e.value) == (f"{tmp_path}/data/shards/train_000001.bin has {size:,} bytes, but meta.json says 1,500 "
+                            f"uint16 tokens (3,000 bytes): it was cut short or damaged; run the same prepare.py "
+                            f"command again")
+    assert not (tmp_path / 'out').exists()  # checked before anything was written
+
+
+def test_a_single_file_layout_cut_short_is_refused(monkeypatch, tmp_path, data):
+    os.truncate(tmp_path / 'data' / 'tiny' / 'val.bin', 800)  # meta.json says 600 tokens: 1,200 bytes
+    with pytest.raises(SystemExit, match=r"tiny/val.bin has 800 bytes, but meta.json says 600 uint16 tokens"):
+        train(monkeypatch, *TINY, *data, f'--out_dir={tmp_path / "out"}', '--max_iters=1')

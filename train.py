@@ -10,44 +10,30 @@ or many GPUs (DDP).
     python train.py config/grow_tli_copy_zero.py                                 # 1.5x deeper copy of a trained model
 
 Every global in the first section is a setting. A config file (python that assigns some of them) overrides the
-defaults, then --key=value flags override both; `python train.py --help` lists them all.
-Each eval appends a JSON line to out_dir/log.jsonl: iter, tokens (seen by all processes), time_s (seconds of
-training since the run began, evals and checkpoint saving excluded, continued across resumes), lr, train_loss and
-val_loss (eval mode: a level keeps the tokens whose score is > 0, as in inference), and for SUBLLM, per level where
-it is a list: val_loss_train_selection (the same val batches with the training-time selection: top-k, or
-threshold in its fixed capacity), kept (the fraction of its parent's tokens a level kept on those val batches in eval
-mode), agree (the fraction of tokens on which the training-time selection picks as `score > 0` does, on those val
-batches) and dropped (in the training steps since the last eval, the fraction of a level's tokens with a positive
-score that the training selection skipped: below the top-k cut, or past the capacity).
-flops: the training FLOPs spent so far (3x the forward FLOPs of each step, counted as flops.forward_flops does:
-each block with the tokens it sees). With --est=True also stage and flops_dense (what dense training spends).
-out_dir/ckpt.pt holds everything to resume or to sample, and ckpt_prev.pt the checkpoint before it: a resume from a
-damaged ckpt.pt falls back to it. out_dir/train.lock (the pid of the run) keeps a second run out of a live run's
-out_dir, and a new run does not start in an out_dir that holds another run's checkpoint unless --overwrite=True.
+defaults, then --key=value flags override both; `python train.py --help` lists them all. out_dir gets log.jsonl (a
+JSON record per eval), ckpt.pt (everything to resume or to sample) and ckpt_prev.pt (the one before it): run_dir.py.
+SIGTERM or SIGUSR1 (a preemption) saves ckpt.pt at the end of the iteration and exits 0: --init_from=resume goes on.
 """
-import atexit
 import gc
-import json
 import math
 import os
 import random
-import re
-import socket
 import time
-import warnings
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
+from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import check_ranges, configure, first_line, load_checkpoint, settings_of
-from est import est_stage, set_subnetwork, subnetwork_at
+from configurator import check_ranges, configure, resolve_device, settings_of
+from dataset import open_dataset
+from distributed import Ranks
+from est import est_plan, est_stage, set_subnetwork, subnetwork_at
 from flops import estimate_mfu, forward_flops
-from grow import grow
+from grow import grow_checkpoint
 from model import SubLLMConfig, SubLLM
+from run_dir import RunDir, model_from, restore, rng_state
 
 # -----------------------------------------------------------------------------
 # default settings: a small SUBLLM on the default corpus
@@ -85,7 +71,8 @@ selection = 'topk'              # training-time selection: 'topk' (the paper) or
 capacity_slack = 0.25           # threshold: room for keep * T * (1 + slack) tokens per level; the rest skip
 scorer_norm = True              # the scorer reads rms_norm(x); False: the raw x, as the paper (an ablation)
 balancer = 'spec'               # 'spec' (Zipformer's gain 0.04) or 'strong' (count gain 10; docs/quality.md)
-running_cut = True              # subtract the running top-k cut from the scores; False: an ablation
+running_cut = 'batch'           # the running top-k cut subtracted from the scores: of the 'batch', the mean of its
+                                # 'rows' (the runs before docs/quality.md's round two), or 'off' (an ablation)
 rope_theta = 10000.0
 norm_eps = 1e-5
 tie_embeddings = False
@@ -111,21 +98,22 @@ dtype = 'auto'                  # 'auto' (bfloat16 if the GPU has it, else float
 compile = True                  # torch.compile on CUDA; on CPU only when given explicitly (it takes minutes there)
 seed = 1337                     # initial weights, training batches, dropout
 eval_seed = 1337                # the eval batches: kept apart from seed, so that runs of any seed are scored alike
-# Evolving Subnetwork Training (EST, arXiv 2406.06962; README): each step trains a random sub-network, in 3 stages.
-# Stage 1, iters [0, est_stage1_end * max_iters): some blocks run, each with some of its heads and SwiGLU units.
-# Stage 2, until est_stage2_end * max_iters: every block runs, still with some of its heads and units.
-# Stage 3, until the end: the full model. The learning rate schedule runs on unchanged across the stages.
+# Evolving Subnetwork Training (EST, arXiv 2406.06962; est.py): each step trains a random sub-network, in 3 stages
+# (some blocks, heads and units; all blocks, some heads and units; the full model), on the same lr schedule
 est = False
 est_stage1_end = 0.25           # fractions of max_iters
 est_stage2_end = 0.65
 est_p_heads = 0.5               # stages 1 and 2: fraction of the KV groups (with all their query heads) a block runs
 est_p_units = 0.5               # stages 1 and 2: fraction of the SwiGLU hidden units a block runs
 est_p_layers = 0.5              # stage 1: fraction of the blocks that run (first, last and one per level always do)
+# Weights & Biases, as nanoGPT (optional: pip install wandb): rank 0 sends it what log.jsonl gets
+wandb_log = False               # True: rank 0 sends each eval's record to wandb
+wandb_project = 'subllm'        # the wandb project of the run
+wandb_run_name = ''             # '': wandb picks one
 
 # -----------------------------------------------------------------------------
 user_keys = configure(globals(), tuples=('keep_ratio',))  # config files, then --key=value (configurator.py)
-config_keys = settings_of(globals())
-config = {k: globals()[k] for k in config_keys}  # saved in the checkpoint
+config = {k: globals()[k] for k in settings_of(globals())}  # saved in the checkpoint
 # every setting's valid range, before anything runs: one line that says which and what (grow.py checks grow_*)
 check_ranges(globals(), {
     'eval_interval': ('[1, inf)', ' (iterations between evals)'), 'log_interval': '[1, inf)',
@@ -142,8 +130,6 @@ for key, choices in dict(init_from=('scratch', 'resume', 'grow'), dtype=('auto',
                          selection=('topk', 'threshold'), balancer=('strong', 'spec')).items():
     if globals()[key] not in choices:
         raise SystemExit(f"--{key} must be one of {', '.join(choices)}, got {globals()[key]!r}")
-if not out_dir:
-    raise SystemExit("--out_dir is empty: give the directory for the checkpoint and log, e.g. --out_dir=out")
 if init_from == 'grow' and grow_from and os.path.abspath(grow_from) == os.path.abspath(out_dir):
     raise SystemExit(f"out_dir and grow_from are both {out_dir!r}: give the grown run its own --out_dir, or its "
                      f"checkpoints would overwrite the model it grows from")
@@ -156,42 +142,11 @@ if est and not all(0 < p <= 1 for p in (est_p_heads, est_p_units, est_p_layers))
 # -----------------------------------------------------------------------------
 
 # device, precision and DDP (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
-if device_type not in ('cpu', 'cuda', 'mps') or not re.fullmatch(r'[a-z]+(:\d+)?', device):
-    raise SystemExit(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-if device_type == 'cuda' and not torch.cuda.is_available():
-    raise SystemExit(f"--device={device}, but this torch ({torch.__version__}) sees no CUDA GPU: use --device=cpu, or "
-                     f"--device=auto (the GPU when there is one)")
-if device_type == 'cuda' and ':' in device and int(device.split(':')[1]) >= torch.cuda.device_count():
-    raise SystemExit(f"--device={device}, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
-                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-if device_type == 'mps' and not torch.backends.mps.is_available():
-    raise SystemExit("--device=mps, but this torch sees no Apple GPU (MPS): use --device=cpu")
-if dtype == 'auto':
-    dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-if dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
-    raise SystemExit("--dtype=bfloat16, but this GPU does not support it: use --dtype=float16 (or auto)")
-ddp = int(os.environ.get('RANK', -1)) != -1
-if ddp:
-    ddp_rank, ddp_local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-    ddp_world_size = int(os.environ['WORLD_SIZE'])
-    if gradient_accumulation_steps % ddp_world_size != 0:
-        raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} counts micro-steps over all "
-                         f"processes, so it must be divisible by the number of processes ({ddp_world_size})")
-    gradient_accumulation_steps //= ddp_world_size
-    if device_type == 'cuda' and ddp_local_rank >= torch.cuda.device_count():
-        raise SystemExit(f"local rank {ddp_local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
-                         f"start at most that many processes per node (--nproc_per_node)")
-    if device_type == 'cuda':
-        device = f'cuda:{ddp_local_rank}'
-        torch.cuda.set_device(device)
-    # the process group is made just before DDP wraps the model: an error in the settings, data or checkpoint
-    # before it ends every rank on its own, as in a single process
-else:
-    ddp_rank, ddp_world_size = 0, 1
-master_process = ddp_rank == 0  # only rank 0 logs, evaluates and saves
+device, device_type, dtype = resolve_device(device, dtype)  # 'auto' resolved, and checked against this machine
+ranks = Ranks(device, device_type)  # this process among torchrun's (distributed.py)
+ddp, ddp_rank, ddp_world_size, master_process = ranks.ddp, ranks.rank, ranks.world_size, ranks.master
+device = ranks.device  # under DDP on GPUs: this rank's, cuda:LOCAL_RANK
+gradient_accumulation_steps = ranks.share(gradient_accumulation_steps)  # micro-steps per process
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 
 torch.manual_seed(seed + ddp_rank)  # per-rank seeds; DDP copies rank 0's initial weights to every rank
@@ -204,39 +159,7 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 
 # data: flat arrays of token ids, described by meta.json: train.bin and val.bin, or the shards that meta.json lists
 data_path = os.path.join(data_dir, dataset)
-meta = {}
-if os.path.exists(os.path.join(data_path, 'meta.json')):
-    try:
-        with open(os.path.join(data_path, 'meta.json')) as f:
-            meta = json.load(f)
-        lacks = [k for k in ('tokenizer', 'vocab_size', 'dtype') if not isinstance(meta, dict) or k not in meta]
-        if lacks:
-            raise ValueError(f"it has no {', '.join(lacks)}")
-        np.dtype(meta['dtype'])
-    except (OSError, ValueError, TypeError) as e:  # also json's JSONDecodeError and UnicodeDecodeError
-        raise SystemExit(f"{data_path}/meta.json cannot be read ({first_line(e)}): run prepare.py again for this "
-                         f"data (`python prepare.py --help`)") from None
-data_files = {split: [s['file'] for s in meta[f'{split}_shards']] if f'{split}_shards' in meta else [f'{split}.bin']
-              for split in ('train', 'val')}
-missing = [f for f in (*data_files['train'], *data_files['val'], 'meta.json')
-           if not os.path.exists(os.path.join(data_path, f))]
-if missing:
-    shown = ', '.join(missing[:3]) + (' ...' if len(missing) > 3 else '')  # a shard set can miss hundreds
-    raise SystemExit(f"no {shown} in {data_path}/: run `python prepare.py` first "
-                     f"(it writes data/stdlib/; see `python prepare.py --help` for other data)")
-if not meta.get('complete', True):
-    raise SystemExit(f"{data_path}/ is not complete (prepare.py was interrupted, or is still running): run the same "
-                     f"prepare.py command again, and it continues where it stopped")
-# get_batch numbers the crop starts of all the files in a row (a file of n tokens has n - block_size) and draws from
-# that numbering: a crop never spans two files, and every crop is equally likely (one file: nanoGPT's draw, exactly)
-first_crop = {}
-for split, files in data_files.items():
-    sizes = [os.path.getsize(os.path.join(data_path, f)) // np.dtype(meta['dtype']).itemsize for f in files]
-    if max(sizes) < block_size + 1:
-        where = f"{data_path}/{files[0]}" if len(files) == 1 else f"the largest of {len(files)} {split} shards"
-        raise SystemExit(f"block_size={block_size} is larger than the {split} split ({max(sizes)} tokens in "
-                         f"{where}): use a smaller --block_size or prepare more text")
-    first_crop[split] = np.cumsum([0] + [max(0, n - block_size) for n in sizes])  # (files + 1,)
+meta, data_files, first_crop = open_dataset(data_path, block_size)  # checked: one line when they are not right
 
 
 def get_batch(split, generator):
@@ -259,73 +182,32 @@ def get_batch(split, generator):
     return x.to(device), y.to(device)
 
 
-# model: from scratch, or from out_dir/ckpt.pt (or ckpt_prev.pt, the checkpoint before it, if ckpt.pt is damaged)
+# model: from scratch, from out_dir/ckpt.pt (ckpt_prev.pt if ckpt.pt is damaged), or grown from another run's
+run = RunDir(out_dir, wandb_init=dict(project=wandb_project, name=wandb_run_name or None, config=config) if wandb_log
+             else None)  # out_dir's life, and with --wandb_log=True the same records on wandb (run_dir.py)
+say = print if master_process else lambda line: None
 iter_num, best_val_loss, train_seconds = 0, float('inf'), 0.0
-ckpt_path, prev_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'ckpt_prev.pt')
 checkpoint = None
-keep_prev = True  # the next save moves ckpt.pt to ckpt_prev.pt; not when ckpt.pt is the damaged file resumed past
-RESUME_KEYS = ('model', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'config', 'rng',
-               'train_seconds')
-if init_from == 'scratch':
-    model_args = dict(vocab_size=64 * math.ceil(meta['vocab_size'] / 64),  # a multiple of 64 is faster (50257 -> 50304)
-                      block_size=block_size, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head or None,
-                      ffn_hidden=ffn_hidden or None, structure=structure, keep_ratio=keep_ratio, selection=selection,
-                      capacity_slack=capacity_slack, scorer_norm=scorer_norm, balancer=balancer,
-                      running_cut=running_cut, rope_theta=rope_theta,
-                      norm_eps=norm_eps, tie_embeddings=tie_embeddings, dropout=dropout,
-                      bypass_schedule_steps=bypass_schedule_steps, balancer_schedule_steps=balancer_schedule_steps,
-                      rec_window=rec_window, rec_alpha=rec_alpha, rec_learn_alpha=rec_learn_alpha)
-elif init_from == 'resume':
-    checkpoint, path = load_checkpoint(out_dir, RESUME_KEYS, say=print if master_process else lambda line: None,
-                                       missing=f"init_from=resume, but there is no checkpoint at {ckpt_path}")
-    keep_prev = path == ckpt_path
-    model_args = checkpoint['model_args']  # the model's shape comes from the checkpoint, everything else from this run
+if init_from == 'resume':
+    checkpoint, path = run.load(('model', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'config',
+                                 'rng', 'train_seconds'), config, say=say)
+    model = model_from(checkpoint, path)  # the model's shape comes from the checkpoint, everything else from this run
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     train_seconds = checkpoint['train_seconds']
-    changed = [f"{k}={config[k]!r} (was {v!r})" for k, v in checkpoint['config'].items()
-               if k not in ('init_from', 'overwrite') and config.get(k) != v]
-    if changed and master_process:
-        print(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
-    if meta['vocab_size'] > model_args['vocab_size']:
-        raise SystemExit(f"the data's vocab ({meta['vocab_size']}) is larger than the checkpoint model's "
-                         f"({model_args['vocab_size']}): resume on the dataset it was trained on")
-elif init_from == 'grow':
-    grow_path = os.path.join(grow_from, 'ckpt.pt')
-    if not grow_from or not any(os.path.exists(os.path.join(grow_from, f)) for f in ('ckpt.pt', 'ckpt_prev.pt')):
-        raise SystemExit(f"init_from=grow needs --grow_from=OUT_DIR of a trained model: no checkpoint at {grow_path}")
-    source, grow_path = load_checkpoint(grow_from, ('model', 'model_args', 'iter_num'),
-                                        say=print if master_process else lambda line: None)
+elif init_from == 'grow':  # a new run at iter 0, from a deeper copy of grow_from's model (grow.py)
+    model = grow_checkpoint(grow_from, grow_method, grow_k, grow_init, grow_m, say=say)
+else:
+    model_args = {f.name: config[f.name] for f in fields(SubLLMConfig) if f.name in config}  # the settings named so
+    model_args.update(vocab_size=64 * math.ceil(meta['vocab_size'] / 64),  # a multiple of 64 is faster (50257 -> 50304)
+                      n_kv_head=n_kv_head or None, ffn_hidden=ffn_hidden or None)
     try:
-        base = SubLLM(SubLLMConfig(**source['model_args']))
-        base.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in source['model'].items()})
-    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise SystemExit(f"{grow_path} does not fit this model.py: {' '.join(str(e).split())[:300]}") from None
-    try:
-        grown = grow(base, method=grow_method, k=grow_k, init=grow_init, m=grow_m)
-    except ValueError as e:
-        raise SystemExit(f"cannot grow {grow_path}: {e}") from None
-    model_args, grown_weights = asdict(grown.config), grown.state_dict()
-    if master_process:
-        how = f"TLI k={grow_k}, {grow_init}" if grow_method == 'tli' else f"DUS m={grow_m}"
-        print(f"grown ({how}) from {grow_path} (iter {source['iter_num']}): {len(base.blocks())} blocks "
-              f"{base.config.structure} -> {len(grown.blocks())} blocks {grown.config.structure}")
-    if meta['vocab_size'] > model_args['vocab_size']:
-        raise SystemExit(f"the data's vocab ({meta['vocab_size']}) is larger than the grown model's "
-                         f"({model_args['vocab_size']}): grow on the dataset it was trained on")
-    source = base = grown = None  # free the memory
-try:
-    model = SubLLM(SubLLMConfig(**model_args))
-except (TypeError, ValueError) as e:
-    raise SystemExit(f"bad model settings{'' if checkpoint is None else ' in ' + path}: {e}") from None
+        model = SubLLM(SubLLMConfig(**model_args))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"bad model settings: {e}") from None
 vocab_size = model.config.vocab_size
-if checkpoint is not None:
-    try:  # checkpoints of a compiled model (older ones) carry an '_orig_mod.' prefix
-        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
-    except (RuntimeError, AttributeError) as e:
-        raise SystemExit(f"{path} does not fit this model.py: {' '.join(str(e).split())[:300]}") from None
-elif init_from == 'grow':
-    model.load_state_dict(grown_weights)
-    grown_weights = None
+if meta['vocab_size'] > vocab_size:  # (a model from scratch always fits)
+    raise SystemExit(f"the data's vocab ({meta['vocab_size']}) is larger than the model's ({vocab_size}): "
+                     f"--init_from={init_from} needs the dataset that model was trained on")
 if block_size > model.config.block_size:
     raise SystemExit(f"block_size={block_size} is longer than the checkpoint model's ({model.config.block_size})")
 model.to(device)
@@ -334,32 +216,19 @@ use_compile = compile and (device_type == 'cuda' or 'compile' in user_keys)
 if master_process:
     print(f"device {device}, dtype {dtype}, compile {use_compile}, {ddp_world_size} process(es)")
     print(f"{model.get_num_params() / 1e6:.2f}M parameters, vocab {vocab_size} ({meta['tokenizer']} tokens)")
-    if levels:
-        print(f"SUBLLM, structure {model.config.structure}, keep ratio per level (depth): "
-              + ', '.join(f"{lv.keep_ratio:g} (d{lv.depth})" for lv in levels))
-    elif 'R' in model.config.structure:
-        c = model.config
-        print(f"recurrent, structure {c.structure}, window {c.rec_window}, alpha {c.rec_alpha:g}"
-              + (" (learned)" if c.rec_learn_alpha else " (forget)" if c.rec_alpha == 0 else ""))
-    else:
-        print(f"LLaMA baseline, structure {model.config.structure} (no subsampled levels)")
+    print(model.describe())
     print(f"tokens per iteration: {tokens_per_iter:,} = {ddp_world_size} process(es) x {gradient_accumulation_steps} "
           f"accumulation x {batch_size} batch x {block_size} block")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # fp16 needs loss scaling; bf16 does not
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if checkpoint is not None:
-    try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scaler.load_state_dict(checkpoint['scaler'])
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"the optimizer state in {path} does not fit this model ({first_line(e)}): was it saved by "
-                         f"another version of train.py?") from None
+# a resumed run: the optimizer, and this process's own state; resumed_at: the iter whose eval the checkpoint holds
+resumed_at = None if checkpoint is None else restore(checkpoint, path, optimizer, scaler, ddp_rank, ddp_world_size,
+                                                    train_gen, device_type == 'cuda', levels, seed, say)
 
 raw_model = model  # the plain module: evals, checkpoints, set_step and MFU use it
 if use_compile:
-    if master_process:
-        print("compiling the model (the first iteration takes a minute or so)")
+    say("compiling the model (the first iteration takes a minute or so)")
     try:
         if est:  # each block on its own: EST's skipped blocks stay Python between the graphs, no recompile per step
             if not hasattr(torch.compiler, 'set_stance'):
@@ -371,177 +240,42 @@ if use_compile:
             model = torch.compile(model)
     except RuntimeError as e:  # e.g. a Python version that this torch's compiler does not support yet
         raise SystemExit(f"torch.compile failed ({str(e).strip().splitlines()[0]}): run with --compile=False") from None
-# Evolving Subnetwork Training: the sub-network of each step, and the training FLOPs it spends
 if est and 'R' in raw_model.config.structure:
     raise SystemExit("--est=True does not support recurrent blocks ('R' in the structure): train it without est")
 
 
-# out_dir: one run at a time. Rank 0 holds out_dir/train.lock (its pid and host) from here until it exits. A second
-# run on the same out_dir is refused, naming the first; so is a new run (scratch, grow) in an out_dir that holds
-# another run's checkpoint or log, unless --overwrite=True. Under DDP the other ranks learn of a refusal below.
-lock_path = os.path.join(out_dir, 'train.lock')
-lock_text = f"{os.getpid()} {socket.gethostname()}\n"
-
-
-def lock_holder():
-    """The text of the lock file ('pid host'), and whether that process is alive: True when it cannot be told
-    (another host; Windows, where os.kill(pid, 0) would end the process; a lock written a moment ago)."""
-    try:
-        with open(lock_path) as f:
-            text = f.read()
-        age = time.time() - os.path.getmtime(lock_path)
-    except FileNotFoundError:
-        return None, False
-    pid, _, host = text.strip().partition(' ')
-    if not pid.isdigit():
-        return text, age < 10  # being written (the pid follows the creation at once), or garbage
-    if host != socket.gethostname() or os.name == 'nt':
-        return text, True
-    if int(pid) == os.getpid():  # an earlier run in this same process (tests run train.py in-process), now over
-        return text, False
-    try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return text, False
-    except OSError:  # PermissionError: it exists, as another user's process
-        pass
-    return text, True
-
-
-def release_lock():
-    try:
-        with open(lock_path) as f:
-            if f.read() == lock_text:
-                os.remove(lock_path)
-    except OSError:
-        pass
-
-
-def take_out_dir():
-    """Make out_dir and take its lock. Returns None, or the one-line reason why this run must not use out_dir."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        for _ in range(5):
-            try:
-                fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                text, alive = lock_holder()
-                if alive:
-                    pid, _, host = (text or '').strip().partition(' ')
-                    return (f"{out_dir}/ is in use by another training run (pid {pid or '?'}"
-                            f"{'' if host == socket.gethostname() else ' on ' + host}, lock file {lock_path}): wait "
-                            f"for it to end or stop it, or give another --out_dir (if no such run exists, delete "
-                            f"{lock_path})")
-                aside = f"{lock_path}.{os.getpid()}"  # a stale lock: take it away atomically, then check it is the
-                try:                                 # one just read (another run may have replaced it meanwhile)
-                    os.replace(lock_path, aside)
-                except FileNotFoundError:
-                    continue
-                with open(aside) as f:
-                    if f.read() == text:
-                        os.remove(aside)
-                    else:
-                        os.replace(aside, lock_path)
-                continue
-            with os.fdopen(fd, 'w') as f:
-                f.write(lock_text)
-            atexit.register(release_lock)  # also on SystemExit, an exception or Ctrl-C
-            break
-        else:
-            return f"cannot take the lock {lock_path}: another run keeps taking it; try again"
-    except OSError as e:
-        return f"cannot write to {out_dir}/ ({e.strerror or first_line(e)}): give a writable --out_dir"
-    if init_from == 'resume':
-        return None
-    found = [f for f in ('ckpt.pt', 'ckpt_prev.pt', 'log.jsonl')
-             if os.path.exists(os.path.join(out_dir, f)) and os.path.getsize(os.path.join(out_dir, f)) > 0]
-    if found and not overwrite:
-        release_lock()
-        found = ', '.join(found[:-1]) + ' and ' * (len(found) > 1) + found[-1]
-        return (f"{out_dir}/ holds {found} of an earlier run: --init_from=resume continues it, "
-                f"--overwrite=True deletes them and starts afresh, or give another --out_dir")
-    return None
-
-
-refusal = take_out_dir() if master_process and not eval_only else None  # acted on by leave_if, below
-if ddp:
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-    # torch 2.13 deprecates broadcast_buffers but asks to keep it where buffers are rank-local (score_offset is)
-    warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
-    # the buffers (RoPE tables, schedule values) are the same on every rank: no need to broadcast them each step
-    # with EST, the skipped blocks' parameters get no gradient in a step: find_unused_parameters lets DDP finish the
-    # reduction without them (it costs a walk over the autograd graph each step, so only when EST is on)
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False,
-                find_unused_parameters=est)
+# out_dir: one run at a time, and not over another run's checkpoint (run_dir.py); rank 0 tells the others below
+refusal = run.claim(init_from == 'resume', overwrite) if master_process and not eval_only else None  # see leave_if
+model = ranks.wrap(model, find_unused_parameters=est)  # DDP under torchrun (EST: some blocks get no gradient)
 
 
 def leave(message=None):
-    """End the run on every rank at once; all ranks call it at the same point. No rank tears the process group down
-    while another can still use it (gloo aborts a rank that does: "terminate called without an active exception").
-    With a message, every rank exits 1 and rank 0 prints it (one line)."""
+    """End the run on every rank at once (all call it at the same point), releasing out_dir first; with a message,
+    every rank exits 1 and rank 0 prints it (one line)."""
     global model
-    if ddp:
-        model = None  # free the DDP wrapper (its reducer holds gloo work) while the interpreter is whole: freed at
-        gc.collect()  # exit instead, it aborted a rank ("terminate called without an active exception") 1 run in 6
-        dist.barrier()
-        dist.destroy_process_group()
-    if message:
-        raise SystemExit(message if master_process else 1)
+    run.release()
+    if ddp:  # free the DDP wrapper (its reducer holds gloo work) while the interpreter is whole: freed at exit
+        model = None  # instead, it aborted a rank ("terminate called without an active exception") 1 run in 6
+        gc.collect()
+    ranks.leave(message)
 
 
 def leave_if(message):
     """Rank 0's message (None: carry on) reaches every rank; with one, every rank leaves, together."""
-    if ddp:
-        flag = [message]
-        dist.broadcast_object_list(flag, src=0)
-        message = flag[0]
+    message = ranks.from_master(message)
     if message:
         leave(message)
 
 
-leave_if(refusal)  # another run holds out_dir, or it holds another run's checkpoint (take_out_dir)
+leave_if(refusal)  # another run holds out_dir, or it holds another run's checkpoint (run.claim)
 flops_per_iter_dense = 3 * forward_flops(raw_model, block_size) * (tokens_per_iter // block_size)  # bwd = 2x fwd
 flops_spent = 0.0 if checkpoint is None else checkpoint.get('flops', iter_num * flops_per_iter_dense)
-
-
-
-def stage_at(it):
-    """EST's stage of iteration it: 1, 2 or 3 (the full model)."""
-    return est_stage(it, max_iters, est_stage1_end, est_stage2_end)
-
-if est and master_process:
-    stage1, stage2 = math.ceil(est_stage1_end * max_iters), math.ceil(est_stage2_end * max_iters)
-    print(f"EST: stage 1 iters [0, {stage1}) with heads x{est_p_heads:g}, units x{est_p_units:g}, blocks "
-          f"x{est_p_layers:g}; stage 2 [{stage1}, {stage2}) all blocks; stage 3 [{stage2}, {max_iters}) full model")
-
-
-def rng_state():
-    """This process's random states: restoring them makes a resumed run repeat the uninterrupted one exactly."""
-    np_state = np.random.get_state()
-    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
-            'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),  # plain lists: loadable with weights_only
-            'python': random.getstate(), 'batches': train_gen.get_state()}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] is not None and device_type == 'cuda':
-        torch.cuda.set_rng_state(state['cuda'])
-    np.random.set_state((state['numpy'][0], np.array(state['numpy'][1], dtype=np.uint32), *state['numpy'][2:]))
-    random.setstate(state['python'])
-    train_gen.set_state(state['batches'])
-
-
-if checkpoint is not None:
-    if len(checkpoint['rng']) == ddp_world_size:
-        set_rng_state(checkpoint['rng'][ddp_rank])
-    else:  # another number of processes: reseed, away from the seeds of any fresh start
-        train_gen.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
-        torch.manual_seed(seed + ddp_rank + iter_num * ddp_world_size)
-        if master_process:
-            print(f"the checkpoint has random states for {len(checkpoint['rng'])} processes, this run has "
-                  f"{ddp_world_size}: reseeded, so this is not an exact continuation")
 checkpoint = None  # free the memory
+
+
+stage_at = partial(est_stage, max_iters=max_iters, stage1_end=est_stage1_end, stage2_end=est_stage2_end)  # 1, 2, 3
+if est:
+    say(est_plan(max_iters, est_stage1_end, est_stage2_end, est_p_heads, est_p_units, est_p_layers))
 
 
 def get_lr(it):
@@ -558,11 +292,11 @@ def get_lr(it):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss of each split over eval_iters batches, the same batches at every eval so that evals compare.
-    Eval mode is the inference path: a level keeps the tokens whose score is > 0. For SUBLLM also
-    val_loss_train_selection, the same val batches with the training-time selection (train mode, no gradients;
-    dropout is 0 by default): the gap between the two is the train/inference mismatch. And per level the fraction
-    of tokens it kept on val (eval mode), and the fraction on which the two selections agree."""
+    """Mean loss of each split over eval_iters batches, the same batches at every eval so that evals compare, in
+    eval mode (the inference path). For SUBLLM also val_loss_train_selection, the same val batches with the
+    training-time selection (train mode, no gradients), and per level the fractions kept and agreeing (run_dir.py)."""
+    # positive tokens that the training steps since the last eval skipped, per level (on this process)
+    dropped = [drop / max(1, seen) for _, seen, _, drop in raw_model.selection_stats()]
     out = {}
     set_subnetwork(raw_model, None)  # EST: always evaluate the full model; the next step sets its own
     offsets = [level.score_offset.clone() for level in levels]  # a train-mode forward moves them: put them back
@@ -581,10 +315,12 @@ def estimate_loss():
                     with ctx:
                         losses_train_selection[k] = raw_model(X, Y)[1].item()
             out[f'{split}_loss'] = losses.mean().item()
+            if levels:  # each level's share of its parent's tokens in eval mode: on val batches, and on train's
+                out['kept' if split == 'val' else 'kept_train'] = [k / max(1, n) for _, n, k in raw_model.level_stats()]
         if levels:
             out['val_loss_train_selection'] = losses_train_selection.mean().item()
-            out['kept'] = [kept / max(1, seen) for _, seen, kept in raw_model.level_stats()]  # of the parent's tokens
             out['agree'] = [agree / max(1, seen) for _, seen, agree, _ in raw_model.selection_stats()]
+            out['dropped'] = dropped
     for level, offset in zip(levels, offsets):
         level.score_offset.copy_(offset)
     raw_model.reset_level_stats()  # the training steps until the next eval count from zero
@@ -596,54 +332,25 @@ if est and use_compile:  # the blocks are compiled in place: keep evals eager, a
     estimate_loss = torch.compiler.set_stance('force_eager')(estimate_loss)
 
 
-# logging: out_dir/log.jsonl gets one JSON line per eval. A resumed run keeps the records up to its checkpoint's
-# iter (it redoes the evals after it); a line that is not a record (cut short by a crash, a bad edit) is skipped,
-# and said. The kept lines go to a temp file that is then renamed over the log: a crash meanwhile loses nothing.
-log_path = os.path.join(out_dir, 'log.jsonl')
+def save_checkpoint(save=True, **extra):
+    """Everything to resume the run from here, or to sample from it, with every rank's own state (every rank calls
+    it), saved by rank 0 if save. Returns rank 0's problem (a full disk), or None."""
+    rng_states = ranks.gather(rng_state(train_gen, device_type == 'cuda', levels))  # each rank resumes exactly
+    if not (master_process and save):
+        return None
+    return run.save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                     'scaler': scaler.state_dict(), 'model_args': asdict(raw_model.config), 'iter_num': iter_num,
+                     'best_val_loss': best_val_loss, 'config': config, 'meta': meta, 'rng': rng_states,
+                     'train_seconds': train_seconds, 'flops': flops_spent, **extra})
 
 
-def log_lines_until(it):
-    """The lines of log.jsonl whose record's iter is <= it, and the numbers of the lines that are not records."""
-    kept, bad = [], []
-    with open(log_path, encoding='utf-8', errors='replace') as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                ok = isinstance(record, dict) and isinstance(record.get('iter'), int)
-            except ValueError:
-                ok = False
-            if not ok:
-                bad.append(number)
-            elif record['iter'] <= it:
-                kept.append(line.rstrip('\n') + '\n')
-    return kept, bad
-
-
-problem = None
-if master_process and not eval_only:
-    try:
-        kept = []
-        if init_from == 'resume' and os.path.exists(log_path):
-            kept, bad = log_lines_until(iter_num)
-            if bad:
-                shown = ', '.join(map(str, bad[:5])) + (' ...' if len(bad) > 5 else '')
-                print(f"{log_path}: skipped {len(bad)} line(s) that are not JSON records (line {shown}); kept the "
-                      f"{len(kept)} record(s) up to iter {iter_num}")
-        elif init_from != 'resume':  # a new run: take_out_dir let it in on an empty out_dir, or with --overwrite=True
-            for old_file in (ckpt_path, prev_path):
-                if os.path.exists(old_file):
-                    os.remove(old_file)
-        with open(log_path + '.tmp', 'w') as f:
-            f.writelines(kept)
-        os.replace(log_path + '.tmp', log_path)
-    except OSError as e:
-        problem = f"cannot write {log_path} ({e.strerror or first_line(e)}): give a writable --out_dir"
+# logging: a resumed run keeps the log's records up to its checkpoint; a new run starts an empty log
+problem = run.start_log(iter_num if init_from == 'resume' else None) if master_process and not eval_only else None
 leave_if(problem)
+if not eval_only:
+    run.catch_preemption()  # SIGTERM or SIGUSR1: finish the iteration, save, exit 0 (on every rank)
 
 # training loop
-resumed_at = iter_num if init_from == 'resume' else None  # that iter's eval came before its checkpoint was saved
 if init_from == 'resume' and iter_num >= max_iters and not eval_only and master_process:
     print(f"the checkpoint is at iter {iter_num} and max_iters={max_iters}: nothing to do (raise --max_iters)")
 t0 = t_train = time.time()  # t_train: start of the current stretch of training, evals excluded
@@ -654,77 +361,35 @@ while True:
         param_group['lr'] = lr
 
     if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at):
-        stop = None  # set by rank 0 when the eval loss is not finite
-        all_states = [rng_state()]
-        if ddp:  # every rank's random states go into the checkpoint, so that every rank resumes exactly
-            all_states = [None] * ddp_world_size
-            dist.all_gather_object(all_states, rng_state())
+        stop = save = None  # rank 0's: why the run stops (a loss that is not finite, a full disk), and whether to save
         if master_process:
             if device_type == 'cuda':
                 torch.cuda.synchronize()
             train_seconds += time.time() - t_train
-            # positive tokens that the training steps since the last eval skipped, per level (on this process)
-            dropped = [drop / max(1, seen) for _, seen, _, drop in raw_model.selection_stats()]
             losses = estimate_loss()
             line = f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
             if levels:
-                losses['dropped'] = dropped
                 line += (f", val loss with {raw_model.config.selection} selection "
                          f"{losses['val_loss_train_selection']:.4f}")
-                for name in ('kept', 'agree', 'dropped'):
+                for name in ('kept', 'agree', 'dropped', 'kept_train'):
                     line += f", {name} " + ' '.join(f"d{lv.depth} {v:.3f}" for lv, v in zip(levels, losses[name]))
             print(line, flush=True)
             if not all(map(math.isfinite, [losses['train_loss'], losses['val_loss']])):
                 stop = (f"the eval loss is not finite at iter {iter_num}: stopping; the last good checkpoint (if "
-                        f"any) is kept in {ckpt_path}; try a lower --learning_rate")
+                        f"any) is kept in {run.ckpt_path}; try a lower --learning_rate")
             if stop is None and not eval_only:
                 record = dict(iter=iter_num, tokens=iter_num * tokens_per_iter, time_s=round(train_seconds, 3),
                               flops=flops_spent, lr=lr, **losses)
                 if est:  # the FLOPs that dense training would have spent
                     record.update(stage=stage_at(iter_num), flops_dense=iter_num * flops_per_iter_dense)
-                try:
-                    with open(log_path, 'a') as f:
-                        f.write(json.dumps(record) + '\n')
-                except OSError as e:  # a full disk: stop, keeping what is there
-                    stop = (f"cannot write {log_path} at iter {iter_num} ({e.strerror or first_line(e)}): stopping; "
-                            f"free some disk space and continue with --init_from=resume")
+                stop = run.log(record)
             improved = losses['val_loss'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val_loss'])
-            if stop is None and iter_num > 0 and not eval_only and (improved or always_save_checkpoint
-                                                                     or iter_num == max_iters):
-                checkpoint = {
-                    'model': raw_model.state_dict(),
-                    'optimizer': optimizer.state_dict(),
-                    'scaler': scaler.state_dict(),
-                    'model_args': asdict(raw_model.config),
-                    'iter_num': iter_num,
-                    'best_val_loss': best_val_loss,
-                    'config': config,
-                    'meta': meta,
-                    'rng': all_states,
-                    'train_seconds': train_seconds,
-                    'flops': flops_spent,
-                }
-                print(f"saving checkpoint to {ckpt_path}")
-                try:  # write, then rename: a crash never leaves half a file; the one before becomes ckpt_prev.pt
-                    torch.save(checkpoint, ckpt_path + '.tmp')
-                    if keep_prev and os.path.exists(ckpt_path):
-                        os.replace(ckpt_path, prev_path)
-                    os.replace(ckpt_path + '.tmp', ckpt_path)
-                    keep_prev = True
-                except (OSError, RuntimeError) as e:  # a full disk: torch.save raises either
-                    if os.path.exists(ckpt_path + '.tmp'):
-                        os.remove(ckpt_path + '.tmp')
-                    stop = (f"cannot save {ckpt_path} at iter {iter_num} ({first_line(e)}): stopping; the checkpoints "
-                            f"before it are kept; free some disk space and continue with --init_from=resume")
-                checkpoint = None
-            t0 = t_train = time.time()
-        if ddp:  # rank 0 tells every rank whether its eval stopped the run
-            flag = [stop]
-            dist.broadcast_object_list(flag, src=0)
-            stop = flag[0]
-        if stop:
-            leave(stop)
+            save = stop is None and iter_num > 0 and not eval_only and (improved or always_save_checkpoint
+                                                                         or iter_num == max_iters)
+        stop = save_checkpoint(save) or stop
+        t0 = t_train = time.time()
+        leave_if(stop)  # rank 0 tells every rank whether its eval stopped the run
     if eval_only or iter_num >= max_iters:
         break
 
@@ -758,13 +423,10 @@ while True:
 
     if iter_num % log_interval == 0:
         lossf = loss.item() * gradient_accumulation_steps  # the last micro-step's loss; .item() waits for the GPU
-        if ddp:  # its mean over the ranks: a rank whose loss is not finite stops them all, together
-            lossf_all = torch.tensor(lossf, device=device)
-            dist.all_reduce(lossf_all)
-            lossf = lossf_all.item() / ddp_world_size
+        lossf = ranks.mean(lossf)  # over the ranks: a rank whose loss is not finite stops them all, together
         if not math.isfinite(lossf):
             leave(f"loss is {lossf} at iter {iter_num}: stopping; the last good checkpoint (if any) is kept in "
-                  f"{ckpt_path}; try a lower --learning_rate or --grad_clip")
+                  f"{run.ckpt_path}; try a lower --learning_rate or --grad_clip")
     t1 = time.time()
     dt, t0 = t1 - t0, t1
     if iter_num % log_interval == 0 and master_process:
@@ -777,7 +439,12 @@ while True:
                  f"({(iter_num + 1) * flops_per_iter_dense:.3g} dense)" if est else ''), flush=True)
     iter_num += 1
     local_iter_num += 1
+    if ranks.any(run.preempted):  # SIGTERM or SIGUSR1 on any rank: every rank saves and leaves at this iteration
+        train_seconds += time.time() - t_train
+        leave_if(save_checkpoint(preempted=run.preempted or 'a signal to another rank',
+                                 level_stats=[level.stats.cpu() for level in levels]))
+        say(f"stopped by {run.preempted or 'a signal to another rank'} at iter {iter_num}, saved in {run.ckpt_path}: "
+            f"to continue, run the same command with --init_from=resume")
+        break
 
 leave()  # every rank, after rank 0's last eval and checkpoint
-if master_process:
-    release_lock()  # atexit would too; this frees it for a next run in this same process (tests run train.py so)
