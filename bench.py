@@ -5,14 +5,14 @@ is the median of the rounds' ratios, robust to other processes' load), at each c
 - train:   forward + backward + AdamW step on the same batch (tokens/s, ms/iter, MFU, peak memory)
 - prefill: eval forward of a whole prompt (tokens/s, peak memory)
 - decode:  a prompt of half the length prefilled into the KV cache (untimed), then decode_tokens steps of one token
-           per row, at batch 1 and at decode_batch (tokens/s)
+           per row, at batch 1 and at decode_batch (tokens/s); and at decode_batch_large if set (serving)
 Beside each measured SUBLLM/LLaMA speedup it prints the theoretical one, the FLOP ratio of SUBLLM.md §9 at the keep
 fractions the model really used (train: the config's, exact with top-k; prefill and decode: the measured fraction of
 tokens whose score was > 0, per level), and for decode the ratio of blocks run per token and per step, so the gap
 shows the overhead of scoring, sorting, gathering and scattering.
 
     python bench.py                              # GPU: the 0.25B paper config at 2k,4k,8k; CPU: a tiny one, < 1 min
-    python bench.py --preset=mid                 # 32.6M params, T=1024, decode at batch 1 and 4: ~2 min on a CPU
+    python bench.py --preset=mid                 # 32.6M params, T=1024, decode at batch 1, 4 and 64: ~6 min on a CPU
     python bench.py --preset=1300m --json=bench_1300m.json
     python bench.py --init_from=out-subllm-250m  # dims and trained scorers of a train.py checkpoint
     python bench.py --structure=R --seq_lens=256,512,1024,2048,4096   # a recurrent block against one plain block
@@ -43,11 +43,12 @@ from model import SubLLM, SubLLMConfig, Level, RecurrentBlock, Stack, llama_twin
 from run_dir import load_checkpoint
 
 PAPER = 'TTTTT(TTTTT(TTTT)TTTTT)TTTTT'  # 24 blocks, two nested levels (SUBLLM.md §2)
-PRESETS = {  # the paper's two sizes, and a tiny and a mid-sized one for a CPU (mid: < 3 min on 2 busy cores)
+PRESETS = {  # the paper's two sizes, and a tiny and a mid-sized one for a CPU (mid: ~6 min on 2 busy cores)
     'tiny': dict(n_embd=128, n_head=4, ffn_hidden=512, vocab_size=512, structure='TT(TT(TT)TT)TT',
                  seq_lens='256,512', tokens_per_batch=1024),
     'mid': dict(n_embd=512, n_head=8, ffn_hidden=1408, vocab_size=512, structure='TT(TT(TT)TT)TT',  # 32.6M
-                seq_lens='1024', tokens_per_batch=2048, decode_batch=4, decode_tokens=64, iters=5),
+                seq_lens='1024', tokens_per_batch=2048, decode_batch=4, decode_tokens=64, iters=5,
+                decode_batch_large=64, decode_tokens_large=16),
     '250m': dict(n_embd=768, n_head=12, ffn_hidden=2048, vocab_size=50304, structure=PAPER,
                  seq_lens='2048,4096,8192', tokens_per_batch=16384),
     '1300m': dict(n_embd=2048, n_head=16, ffn_hidden=5504, vocab_size=32000, structure=PAPER,
@@ -73,6 +74,9 @@ rec_window = 16                    # tokens per window of the recurrent blocks (
 batch_size = 0                     # train and prefill: 0 means tokens_per_batch // seq_len (at least 1)
 decode_batch = 4                   # decode is measured at batch 1 and at this batch (8 on a GPU)
 decode_tokens = 32                 # timed decode steps after the prompt (half the length) is prefilled (64 on GPU)
+decode_batch_large = 0             # a third decode batch, large (serving), where a step's cost grows with its rows:
+                                   # 0 = none (mid preset: 64)
+decode_tokens_large = 16           # timed decode steps at decode_batch_large
 modes = 'train,prefill,decode'     # what to measure, comma separated
 warmup = 1                         # untimed iterations first (compilation, allocator, lazy optimizer state; 3 on GPU)
 iters = 3                          # timed iterations (10 on a GPU)
@@ -104,6 +108,7 @@ check_ranges(globals(), {
     'tokens_per_batch': '[1, inf)', 'n_kv_head': ('[0, inf)', ' (0: n_head)'), 'keep_ratio': '(0, 1]',
     'capacity_slack': '[0, inf)', 'rec_window': '[1, inf)', 'batch_size': ('[0, inf)', ' (0: tokens_per_batch)'),
     'decode_batch': '[1, inf)', 'decode_tokens': '[1, inf)', 'warmup': '[0, inf)', 'iters': '[1, inf)',
+    'decode_batch_large': ('[0, inf)', ' (0: none)'), 'decode_tokens_large': '[1, inf)',
     'threads': ('[0, inf)', " (0: torch's default)"), 'seed': '[0, inf)'}, error=lambda m: SystemExit('bench.py: ' + m))
 if not re.fullmatch(r'\d+(,\d+)*', seq_lens) or min(int(t) for t in seq_lens.split(',')) < 2:
     sys.exit(f"bench.py: --seq_lens must be context lengths of at least 2, separated by commas (e.g. 256,512), got "
@@ -141,7 +146,7 @@ lengths = [int(t) for t in seq_lens.split(',')]
 unknown = [m for m in modes.split(',') if m not in ('train', 'prefill', 'decode')]
 if unknown:
     sys.exit(f"bench.py: unknown mode {unknown[0]!r} in --modes; choose from train, prefill, decode")
-block_size = max(max(lengths), max(lengths) // 2 + decode_tokens)  # RoPE table: the longest input
+block_size = max(max(lengths), max(lengths) // 2 + max(decode_tokens, decode_tokens_large))  # RoPE: the longest input
 if init_from:
     config = replace(SubLLMConfig(**ckpt['model_args']), block_size=block_size)
     subllm = SubLLM(config)
@@ -199,8 +204,8 @@ def scores_counted(out, pos, valid, start):
     return scores[counted if valid is None else counted & valid]
 
 
-if compile:  # static shapes, one graph per length and mode; SUBLLM's eval (data-dependent lengths) needs a few more
-    torch._dynamo.config.cache_size_limit = 64
+# torch.compile: static shapes, one graph per length and mode (SUBLLM's eval forward too: its data-dependent short
+# lengths are sizes inside the graph, model.subsample_eval)
 forwards = {name: torch.compile(m, dynamic=False) if compile else m for name, m in models.items()}
 peak_flops = gpu_peak_flops() if gpu else None
 
@@ -310,10 +315,10 @@ def run_decode(name, tokens, B, T):
     argmax: a random model's greedy output tends to repeat one token, which its levels would then all keep or all
     skip; random tokens keep what the calibration set (same cost). Every call routes the same tokens the same way:
     the first (untimed) counts the steps in which each level runs its inner blocks, for any row."""
-    model, P = models[name], T // 2
+    model, P, steps = models[name], T // 2, tokens_to_decode(B)
     model.eval()
     with torch.no_grad(), ctx:  # under autocast: keys and values in its dtype
-        model.setup_cache(B, P + decode_tokens)
+        model.setup_cache(B, P + steps)
         model(tokens[:, :P])
     rewind = decode_rewind(model)
     runs = None  # level -> steps in which it ran its inner blocks, in the first call
@@ -328,7 +333,7 @@ def run_decode(name, tokens, B, T):
             hooks = [level.inner.register_forward_hook(lambda stack, args, out, level=level: runs.update(
                 {level: runs[level] + 1})) for level in runs]
         with ctx:
-            for j in range(decode_tokens):
+            for j in range(steps):
                 model(tokens[:, P + j:P + j + 1])  # (B, 1): the next token of every row
         for hook in hooks:
             hook.remove()
@@ -337,17 +342,21 @@ def run_decode(name, tokens, B, T):
         stats = model.level_stats()  # the timed calls' decoded tokens
         # blocks a decoded token runs on average: the outer ones, plus each level's own blocks times the tokens it took
         inner = sum(own_blocks(level.inner) * n_kept for level, (_, _, n_kept) in zip(model.levels(), stats))
-        blocks = own_blocks(model.stack) + inner / (B * decode_tokens * n_calls)
+        blocks = own_blocks(model.stack) + inner / (B * steps * n_calls)
         # blocks a step runs for at least one row: the weights it reads (a step at a small batch is bound by them)
         step_blocks = own_blocks(model.stack) + sum(own_blocks(level.inner) * runs[level]
-                                                    for level in model.levels()) / decode_tokens
+                                                    for level in model.levels()) / steps
         # FLOPs per decoded token: the cost model's marginal cost of tokens P+1..P+N (weights + attention over cache)
         keep = keep_fractions(stats)
-        flops = (forward_flops(model, P + decode_tokens, keep) - forward_flops(model, P, keep)) / decode_tokens
+        flops = (forward_flops(model, P + steps, keep) - forward_flops(model, P, keep)) / steps
         model.setup_cache(None, None)
-        return dict(steps=decode_tokens, tokens=B, flops=B * flops, keep=keep, blocks_per_token=blocks,
+        return dict(steps=steps, tokens=B, flops=B * flops, keep=keep, blocks_per_token=blocks,
                     blocks_per_step=step_blocks)
     return decode, result
+
+
+def tokens_to_decode(B):
+    return decode_tokens_large if decode_batch_large and B == decode_batch_large else decode_tokens
 
 
 def decode_rewind(model):
@@ -368,14 +377,14 @@ def decode_rewind(model):
 def calibration_run(mode, tokens, B, T):
     """What calibrate_scorers runs for a prefill or decode measurement of SUBLLM, and the first position it counts:
     the same inputs, batch and steps, on the eager model."""
-    model, P = models['subllm'], T // 2
+    model, P, steps = models['subllm'], T // 2, tokens_to_decode(B)
     if mode == 'prefill':
         return lambda: model(tokens[:, :T]), 0
 
     def decode():
-        model.setup_cache(B, P + decode_tokens)
+        model.setup_cache(B, P + steps)
         model(tokens[:, :P])
-        for j in range(decode_tokens):
+        for j in range(steps):
             model(tokens[:, P + j:P + j + 1])
         model.setup_cache(None, None)
     return decode, P
@@ -406,6 +415,12 @@ def attempt(record, fn):
         raise
 
 
+def compile_counts():
+    """(graphs compiled, graph breaks) so far in this process, torch.compile's counters."""
+    counters = torch._dynamo.utils.counters
+    return counters['stats']['unique_graphs'], sum(counters['graph_break'].values())
+
+
 def measure_pair(mode, tokens, B, T):
     """Both models at one mode, length and batch. Each is set up and warmed up in turn (at least one call: its peak
     memory is measured there); then their timed calls alternate, LLaMA-SUBLLM then SUBLLM-LLaMA, so that a change in
@@ -416,7 +431,8 @@ def measure_pair(mode, tokens, B, T):
     records = {name: dict(mode=mode, model=name, seq_len=T, batch_size=B, tokens_per_s=None, ms_per_iter=None,
                           ms_samples=None, peak_mem_bytes=None,
                           mem_kind='cuda_max_allocated' if gpu else 'cpu_peak_rss_delta', mfu=None, flops=None,
-                          keep_fractions=None, blocks_per_token=None, blocks_per_step=None, oom=False)
+                          keep_fractions=None, blocks_per_token=None, blocks_per_step=None, oom=False,
+                          graphs=None, graph_breaks=None)
                for name in models}
     calls, peaks, times = {}, {}, {name: [] for name in models}
     offsets = [level.score_offset.clone() for level in models['subllm'].levels()]
@@ -425,7 +441,7 @@ def measure_pair(mode, tokens, B, T):
             if name == 'subllm' and calibrate and mode != 'train':
                 if not attempt(records[name], lambda: calibrate_scorers(model, *calibration_run(mode, tokens, B, T))):
                     continue
-            start = mem_start()
+            start, compiled = mem_start(), compile_counts()
 
             def setup():
                 calls[name] = RUNS[mode](name, tokens, B, T)
@@ -435,6 +451,9 @@ def measure_pair(mode, tokens, B, T):
             if attempt(records[name], setup):
                 peaks[name] = mem_peak(start, model)
                 model.reset_level_stats()
+            if compile and mode != 'decode':  # graphs compiled in the warmup (compilation is not timed), and breaks
+                graphs, breaks = compile_counts()
+                records[name].update(graphs=graphs - compiled[0], graph_breaks=breaks - compiled[1])
         live = [name for name in models if not records[name]['oom']]
         for i in range(iters):
             for name in live if i % 2 == 0 else live[::-1]:
@@ -472,7 +491,8 @@ def measure_pair(mode, tokens, B, T):
 jobs = []
 for T in lengths:
     for mode in modes.split(','):
-        for B in ([1, decode_batch] if mode == 'decode' else [batch_size or max(1, tokens_per_batch // T)]):
+        batches = [1, decode_batch] + ([decode_batch_large] if decode_batch_large else [])
+        for B in (batches if mode == 'decode' else [batch_size or max(1, tokens_per_batch // T)]):
             jobs.append((mode, T, B))
 n_params = {name: m.get_num_params() for name, m in models.items()}
 print(f"device {device} ({torch.cuda.get_device_name() if gpu else 'CPU'}), dtype {dtype}, compile {compile}, "
@@ -489,7 +509,8 @@ t_start = time.perf_counter()
 pbar = tqdm(total=len(jobs), desc='bench', unit='job')
 for mode, T, B in jobs:
     pbar.set_postfix_str(f"{mode} T={T} B={B}")
-    n = max(T, T // 2 + decode_tokens) + 1  # inputs and targets; decode reads T // 2 + decode_tokens
+    n = max(T, T // 2 + max(decode_tokens, decode_tokens_large)) + 1  # inputs and targets; decode reads the prompt
+    # (T // 2) and the tokens it decodes
     tokens = torch.randint(config.vocab_size, (B, n), generator=torch.Generator().manual_seed(T)).to(device)
     pair = measure_pair(mode, tokens, B, T)
     base = pair['llama']
@@ -502,9 +523,11 @@ for mode, T, B in jobs:
                  mem_ratio=r['peak_mem_bytes'] / base['peak_mem_bytes'] if ok and base['peak_mem_bytes'] else None,
                  blocks_ratio=base['blocks_per_token'] / r['blocks_per_token'] if ok and mode == 'decode' else None,
                  step_blocks_ratio=base['blocks_per_step'] / r['blocks_per_step'] if ok and mode == 'decode' else None)
-        # the speedup over its limit: the FLOP ratio, or for decode the blocks ratio
+        # the speedup over its limit: the FLOP ratio, or for decode the blocks ratio per token (and per step)
         limit = r['blocks_ratio'] if mode == 'decode' else r['flop_ratio']
         r['limit_share'] = r['ratio'] / limit if ok and label == 'SUBLLM' else None
+        r['step_limit_share'] = r['ratio'] / r['step_blocks_ratio'] if ok and label == 'SUBLLM' and mode == 'decode' \
+            else None
     records += pair.values()
     pbar.update()
 pbar.close()
@@ -532,11 +555,12 @@ for llama, sub in zip(records[::2], records[1::2]):
     tps = [fmt(r['tokens_per_s'], ',.0f', o) for r, o in zip((llama, sub), oom)]
     mem = [fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / scale, '.2f', o) for r, o in zip((llama, sub), oom)]
     keep = ', '.join(f"{k:.2f}" for k in sub['keep_fractions']) if sub['keep_fractions'] else '-'
+    share = fmt(sub['limit_share'], '.0%') + (f", {sub['step_limit_share']:.0%}" if sub['step_limit_share'] else '')
     blocks = f"{sub['blocks_per_token']:.1f}, {sub['blocks_per_step']:.1f} of {llama['blocks_per_token']:.0f} " \
         f"({sub['blocks_ratio']:.2f}x, {sub['step_blocks_ratio']:.2f}x)" if sub['blocks_ratio'] else '-'
     print(f"| {sub['mode']} | {sub['seq_len']} | {sub['batch_size']} | {tps[0]} | {tps[1]} | "
           f"{fmt(sub['ratio'], '.2f')}x | {fmt(sub['flop_ratio'], '.2f')}x | {blocks} | "
-          f"{fmt(sub['limit_share'], '.0%')} | "
+          f"{share} | "
           f"{fmt(llama['ms_per_iter'], '.1f')} / {fmt(sub['ms_per_iter'], '.1f')} | {mem[0]} / {mem[1]} | "
           f"{fmt(llama['mfu'], '.1%')} / {fmt(sub['mfu'], '.1%')} | {keep} |")
 print("\nspeedup = SUBLLM's speed over LLaMA's: the median over the rounds of timed calls (one call of each model, "
@@ -548,8 +572,14 @@ print("\nspeedup = SUBLLM's speed over LLaMA's: the median over the rounds of ti
       "blocks/token is the average number of blocks a decoded token runs, /step the blocks a step runs for at "
       "least one of its rows (ratios: LLaMA's over SUBLLM's): the limit where a block costs its rows' work, and "
       "where it costs its weights' reading whatever rows it runs (small batches; the same at batch 1). of limit = "
-      "speedup over the FLOP ratio (train, prefill) or the blocks/token ratio (decode). MFU: model FLOPs (causal "
+      "speedup over the FLOP ratio (train, prefill), or for decode over the blocks/token ratio, then over the "
+      "blocks/step ratio: which one binds depends on the batch (batch 1: both the same; a few rows: the weights "
+      "read, blocks/step; many rows: their work, blocks/token). MFU: model FLOPs (causal "
       "attention counted as half of full attention) over the GPU's dense bf16 peak.")
+if compile:
+    print("torch.compile, graphs compiled in each measurement's warmup (graph breaks): " + ', '.join(
+        f"{r['mode']} T={r['seq_len']} {r['model']} {r['graphs']} ({r['graph_breaks']})"
+        for r in records if r['graphs'] is not None))
 if 'R' in config.structure:
     print("recurrent: speedup and FLOP ratio are of the recurrent model against its twin (each R a plain block). Its "
           "FLOPs count every window step (an R block runs each token twice, attention over 2 * rec_window "

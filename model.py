@@ -17,6 +17,10 @@ from torch.nn import functional as F
 
 from recurrent import RecurrentBlock  # structure character 'R': one block applied over windows of tokens
 
+# torch.compile: a number read from a tensor (.item(): the eval forward's short length, subsample_eval) stays in the
+# graph as a size unknown until run time, instead of ending the graph there and recompiling for each new value
+torch._dynamo.config.capture_scalar_outputs = True
+
 
 @dataclass
 class SubLLMConfig:
@@ -149,14 +153,14 @@ class KVCache(nn.Module):
         self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, rows, slots, k, v, length):
-        """Write k, v (b, Hkv, K, D) of cache rows `rows` (b,) at their slots (b, K); return those rows' first
-        `length` slots (b, Hkv, length, D): everything they cached."""
+    def write(self, rows, slots, k, v):
+        """Write k, v (b, Hkv, K, D) of cache rows `rows` (b,) at their slots (b, K)."""
         index = (rows[:, None, None], torch.arange(k.size(1), device=k.device)[None, :, None], slots[:, None, :])
         self.k[index], self.v[index] = k.to(self.k.dtype), v.to(self.v.dtype)
-        if rows.size(0) == self.k.size(0):  # every row (they come in order): a view, no copy
-            return self.k[:, :, :length].to(k.dtype), self.v[:, :, :length].to(v.dtype)
-        return self.k[rows, :, :length].to(k.dtype), self.v[rows, :, :length].to(v.dtype)
+
+    def read(self, rows, length, dtype):
+        """The first `length` slots of rows `rows` (a slice): views (b, Hkv, length, D), no copy."""
+        return self.k[rows, :, :length].to(dtype), self.v[rows, :, :length].to(dtype)
 
 
 class Attention(nn.Module):
@@ -181,18 +185,32 @@ class Attention(nn.Module):
         k = F.linear(x, wk).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = F.linear(x, wv).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, is_causal = None, True
-        if cache_ctx is not None:
-            rows, slots, length, mask = cache_ctx
-            k, v = self.kv_cache.update(rows, slots, k, v, length)  # (B, Hkv, length, D): all these rows cached
-            is_causal = mask is None  # first chunk into an empty cache is plain causal attention
+        y = self.attend(q, k, v) if cache_ctx is None else self.attend_cached(q, k, v, cache_ctx)  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, C)
+        return F.linear(y, wo)
+
+    def attend(self, q, k, v, mask=None, is_causal=True):
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each K/V head among n_head/n_kv_head queries
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, C)
-        return F.linear(y, wo)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=self.dropout if self.training else 0.0)
+
+    def attend_cached(self, q, k, v, cache_ctx):
+        """Append k, v to the cache rows of q's rows, and attend over everything those rows cached (Stack.cache_context
+        gives the rows, the slots, the mask, and each row's cache length after this chunk)."""
+        rows, slots, mask, row_list, ends = cache_ctx
+        self.kv_cache.write(rows, slots, k, v)
+        if len(row_list) == self.kv_cache.k.size(0):  # every row, in order: one call over views of the caches
+            return self.attend(q, *self.kv_cache.read(slice(None), max(ends), q.dtype), mask, is_causal=mask is None)
+        # Some rows (those entering a level, decoding): each attends over its own slots, views of the cache. Copying
+        # the rows' caches out instead cost 3x the attention itself at batch 64. One query (a decoding step) sees its
+        # row's every slot, its own the last: no mask.
+        T = q.size(2)
+        return torch.cat([self.attend(q[i:i + 1], *self.kv_cache.read(slice(r, r + 1), end, q.dtype),
+                                      None if T == 1 or mask is None else mask[i:i + 1, :, :, :end],
+                                      is_causal=T > 1 and mask is None)
+                          for i, (r, end) in enumerate(zip(row_list, ends))])
 
 
 class MLP(nn.Module):
@@ -249,15 +267,19 @@ def est_fractions(block):
 # SUBLLM pieces: Balancer, subsample, upsample, Bypass, Level
 
 
+# The Balancer's gains. Module constants, not class attributes: torch.compile cannot read an attribute of an
+# autograd.Function's class inside its backward (a graph break).
+BALANCER_COUNT_GAIN = 10.0  # 'strong': push per unit of error in the positive fraction (0.05 off: half the mean |g|)
+BALANCER_SIZE_GAIN = 0.04  # the spec's gain, for keeping mean |score| in [1, 4]
+
+
 class Balancer(torch.autograd.Function):
     """Identity forward. Backward corrects the score gradient so that in training (a) the fraction of positive scores
     tracks keep_ratio and (b) the mean |score| stays in [1, 4] (SUBLLM.md §7), so that eval-time `score > 0` keeps
     about as many tokens as train-time top-k. Applied with probability `prob` (set_step's schedule). The default is
     the spec's (Zipformer's gain 0.04, balancer='spec'): in docs/quality.md it trains better than our stronger one
-    (balancer='strong': the task gradient's common mode removed, the count pushed with COUNT_GAIN), whose weak size
-    push let |score| sink below 1, so that soft weights under 1 damped what the inner blocks add."""
-    COUNT_GAIN = 10.0  # push per unit of error in the positive fraction (0.05 off -> half the mean |gradient|)
-    SIZE_GAIN = 0.04  # the spec's gain, for keeping mean |score| in [1, 4]
+    (balancer='strong': the task gradient's common mode removed, the count pushed with BALANCER_COUNT_GAIN), whose
+    weak size push let |score| sink below 1, so that soft weights under 1 damped what the inner blocks add."""
 
     @staticmethod
     def forward(ctx, scores, keep_ratio, prob, valid=None, spec=False):  # valid (B, T): real tokens, or None
@@ -273,12 +295,12 @@ class Balancer(torch.autograd.Function):
         n_real = real.sum().clamp(min=1)
         positive = (scores > 0).float() * real
         frac_positive, mean_abs = positive.sum() / n_real, (scores.abs() * real).sum() / n_real
-        g = Balancer.SIZE_GAIN
+        g = BALANCER_SIZE_GAIN
         if ctx.spec:  # Zipformer: linear in the distance outside [keep - 0.05, keep + 0.05], at most g
             lo, hi = max(keep - 0.05, 1e-3), min(keep + 0.05, 1 - 1e-3)
             count_push = g * ((lo - frac_positive).clamp(min=0) / lo - (frac_positive - hi).clamp(min=0) / (1 - hi))
         else:
-            count_push = ((keep - frac_positive) * Balancer.COUNT_GAIN).clamp(-1, 1)  # > 0: too few positive scores
+            count_push = ((keep - frac_positive) * BALANCER_COUNT_GAIN).clamp(-1, 1)  # > 0: too few positive scores
         size_push = ((1.0 - mean_abs) * g).clamp(0, g) - ((mean_abs - 4.0) * g / 4.0).clamp(0, g)  # |s| into [1, 4]
         direction = (count_push + size_push * (positive - 0.5)) * real  # (B, T), > 0 means: make this score larger
         reached = (grad != 0).float()  # tokens the task gradient reaches (near the top-k cut)
@@ -362,12 +384,28 @@ def subsample_threshold(scores, valid, capacity=None):
     return idx, weights, kept, counts_list, selected
 
 
+def subsample_eval(scores, valid):
+    """Eval-time selection of a whole sequence: subsample_threshold's, its short length K the longest row's count.
+    One read of a number from the device (K); under torch.compile an unbacked size (capture_scalar_outputs), so that
+    one graph serves every K. Returns idx, weights, kept (B, K)."""
+    selected = scores > 0 if valid is None else (scores > 0) & valid
+    K = selected.sum(1).max().clamp(min=1).item()  # at least 1: where no token enters, one of weight 0 (out = x)
+    torch._check(K >= 1)
+    torch._check(K <= scores.size(1))
+    idx, weights, kept, _, _ = subsample_threshold(scores, valid, capacity=K)  # no row has more than K: no overflow
+    return idx, weights, kept
+
+
 def upsample(x, y, idx, weights):
     """Scatter the short sequence back to full length (SUBLLM.md §5): at a kept position p the result is
     w_p * y_p + (1 - w_p) * x_p, elsewhere x_p. x (B, T, C), y (B, K, C), idx and weights (B, K)."""
     w = weights[..., None].to(y.dtype)
     mixed = w * y + (1 - w) * gather_tokens(x, idx)
-    return x.scatter(1, idx[..., None].expand_as(y), mixed)
+    # x.scatter(1, idx, mixed) would say the same, but torch 2.13's inductor (CPU) fused the bypass after it into
+    # a kernel that read x before the scatter had written (a compiled training step lost every level's output);
+    # scattering into zeros and selecting keeps eager's values exactly and compiles right
+    kept = torch.zeros_like(x[..., 0], dtype=torch.bool).scatter(1, idx, True)[..., None]  # (B, T, 1)
+    return torch.where(kept, torch.zeros_like(x).scatter(1, idx[..., None].expand_as(y), mixed), x)
 
 
 class Stack(nn.Module):
@@ -400,18 +438,18 @@ class Stack(nn.Module):
         return x
 
     def cache_context(self, K, counts, rows, device):
-        """For K new tokens in each of these cache rows: the rows, each token's slot after what its row cached, the
-        length to attend over and the mask (a key slot is visible to a query at or after it; None: causal)."""
+        """For K new tokens in each of these cache rows: the rows (a tensor), each token's slot after what its row
+        cached, the mask over max(ends) slots (a key slot is visible to a query at or after it; None: causal), the
+        rows (ints) and each row's slots to attend over, its cache length plus K (ints)."""
         lens = [self.cache_lens[r] for r in rows]
         rows_lens = torch.tensor([rows, lens], device=device)  # one host-to-device copy per stack and step
         slots = rows_lens[1][:, None] + torch.arange(K, device=device)  # (B, K); padding writes past the end, unused
-        length = max(lens) + K
         mask = None
         if max(lens) > 0:
-            mask = torch.arange(length, device=device)[None, None, None, :] <= slots[:, None, :, None]
+            mask = torch.arange(max(lens) + K, device=device)[None, None, None, :] <= slots[:, None, :, None]
         for r, c in zip(rows, counts):
             self.cache_lens[r] += c
-        return rows_lens[0], slots, length, mask
+        return rows_lens[0], slots, mask, rows, [n + K for n in lens]
 
 
 class Level(nn.Module):
@@ -481,10 +519,13 @@ class Level(nn.Module):
             positive = (scores > 0) & real
             self.stats[2:] += torch.stack([real.sum(), ((selected == positive) & real).sum(), (positive & ~selected).sum()])
         else:  # eval: `score > 0`, token by token
-            idx, weights, kept, counts, _ = subsample_threshold(scores, valid)
+            if self.inner.cache_lens is None:  # a whole sequence: one graph under torch.compile whatever K is
+                (idx, weights, kept), counts = subsample_eval(scores, valid), None
+            else:  # decoding with the cache: which rows enter decides the code path, so the counts come to the host
+                idx, weights, kept, counts, _ = subsample_threshold(scores, valid)
             self.stats[0] += x.size(0) * x.size(1) if valid is None else valid.sum()
             self.stats[1] += kept.sum()
-            entering = [i for i, c in enumerate(counts) if c > 0]
+            entering = list(range(x.size(0))) if counts is None else [i for i, c in enumerate(counts) if c > 0]
             if len(entering) < x.size(0):  # a row that no token enters takes the skip path (out = x): run the
                 if not entering:           # inner blocks for the others only (decoding at batch > 1)
                     return x

@@ -84,10 +84,11 @@ def test_the_gpu_size_commands_are_accepted_by_their_scripts(tmp_path):
     assert listed.returncode == 0, listed.stderr
     plan = json.loads(listed.stdout)
     assert plan['env']['equivalence'] == {'SUBLLM_TEST_DEVICE': 'cuda', 'SUBLLM_TEST_DTYPE': 'bfloat16'}
-    (prepare, train), (bench,) = plan['commands']['train'], plan['commands']['bench']
+    (prepare, train), (bench, compiled) = plan['commands']['train'], plan['commands']['bench']
     assert '--max_iters=150' in train and 'config/gpu_subllm_250m.py' in train
-    assert '--preset=1300m' in bench and '--seq_lens=2048,4096,8192' in bench and '--decode_batch=8' in bench
-    for cmd in (prepare, train, bench):
+    assert '--preset=1300m' in bench and '--seq_lens=2048,4096' in bench and '--decode_batch=8' in bench
+    assert {'--preset=1300m', '--seq_lens=4096', '--modes=train', '--compile=True'} <= set(compiled)
+    for cmd in (prepare, train, bench, compiled):
         done = subprocess.run(cmd + ['--help'], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and not done.stderr.strip(), (cmd, done.stderr)
     (pytest_cmd,) = plan['commands']['equivalence']
