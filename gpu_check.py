@@ -23,7 +23,14 @@ then prints a summary and writes every number to --out (JSON) and each stage's w
                compilation; evals and checkpoints excluded: log.jsonl's time_s and flops) and the first
                iteration's time (compilation included).
 
+  duel         (not in the default stages: its own run, `--stages=duel`) SUBLLM at 55M parameters against the
+               LLaMA with the same training FLOPs (config/duel_subllm_50m.py, config/duel_llama_50m.py: 11 blocks,
+               0.985x), on the same stdlib bytes (vocab 256), tokens, seed and schedule, one after the other in
+               half the budget each: both val losses at the last eval both reached, their FLOPs and tokens/s.
+               Estimated ~2 min each on an H200 (1500 iterations of 32 x 1024 tokens, compiled; not measured).
+
     python gpu_check.py                      # on a GPU: about 7-8 minutes (the estimate below)
+    python gpu_check.py --stages=duel --out=duel.json   # the quality duel alone, within the same budget
     python gpu_check.py --out=h200.json      # the report elsewhere (and h200.<stage>.log)
     python gpu_check.py --size=cpu           # the same three stages at toy size on the CPU, < 1 min (the test)
     python gpu_check.py --stages=bench --bench_compile=True --budget_s=1800
@@ -65,7 +72,7 @@ from flops import gpu_peak_flops
 # -----------------------------------------------------------------------------
 size = 'auto'                  # 'gpu' (the run above), 'cpu' (toy sizes on the CPU: the test), auto: gpu with CUDA
 out = 'gpu_check.json'         # the results; each stage's whole output goes to <out without .json>.<stage>.log
-stages = 'equivalence,bench,train'  # which stages, comma separated, run in this order
+stages = 'equivalence,bench,train'  # which stages, comma separated, run in this order (or 'duel': see above)
 budget_s = 460                 # seconds for all the stages together: a stage still running then is stopped
 equiv_dtype = 'bfloat16'       # equivalence: autocast dtype (also on the CPU, so the low-precision path is checked)
 train_iters = 150              # train: iterations of config/gpu_subllm_250m.py (10 at size cpu)
@@ -80,8 +87,8 @@ configure(globals())  # --key=value (configurator.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
-STAGES = ('equivalence', 'bench', 'train')
-MIN_S = {'equivalence': 30, 'bench': 120, 'train': 150}  # seconds kept back for a later stage (cpu: a tenth)
+STAGES = ('equivalence', 'bench', 'train', 'duel')
+MIN_S = {'equivalence': 30, 'bench': 120, 'train': 150, 'duel': 240}  # seconds kept back for a later stage (cpu: a tenth)
 CONFIG = 'config/gpu_subllm_250m.py'
 GPT2_VOCAB = 50257
 
@@ -216,10 +223,10 @@ def train_cmd(work):
                   '--gradient_accumulation_steps=1', '--learning_rate=3e-3', '--min_lr=3e-4']  # the config, toy-sized
 
 
-def make_data(root, timeout):
-    """data/stdlib of the stdlib's bytes (prepare.py), in the 250m config's vocabulary on a GPU; random tokens if
-    prepare.py fails. Returns a line saying what the data is."""
-    rc, _ = run(prepare_cmd(root), 'train', timeout)
+def make_data(root, timeout, stage='train'):
+    """data/stdlib of the stdlib's bytes (prepare.py), for the train stage in the 250m config's vocabulary on a
+    GPU; random tokens if prepare.py fails. Returns a line saying what the data is."""
+    rc, _ = run(prepare_cmd(root), stage, timeout)
     meta_path = os.path.join(root, 'stdlib', 'meta.json')
     if rc == 0 and os.path.exists(meta_path):
         meta = json.load(open(meta_path))
@@ -232,7 +239,7 @@ def make_data(root, timeout):
             rng.integers(0, 256, count, dtype=np.uint16).tofile(os.path.join(root, 'stdlib', f'{split}.bin'))
         meta = dict(tokenizer='byte', vocab_size=256, dtype='uint16', train_tokens=n, val_tokens=n // 20)
         what = f"random bytes ({n:,} train tokens; prepare.py failed, see the log)"
-    if gpu:  # the config's GPT-2 vocabulary: its embedding, head, FLOPs and MFU; the bytes use 256 of the ids
+    if gpu and stage == 'train':  # the config's GPT-2 vocabulary: its embedding, head, FLOPs and MFU (256 ids used)
         meta.update(vocab_size=GPT2_VOCAB, note='gpu_check.py: byte tokens in the GPT-2 vocabulary size')
         what += f", vocab {GPT2_VOCAB} as the config's (only 256 ids occur)"
     with open(meta_path, 'w') as f:
@@ -285,6 +292,52 @@ def train(timeout, work):
                   loss_decreased=len(evals) >= 2 and evals[-1]['val_loss'] < evals[0]['val_loss'])
     if not result['ok']:
         result['error'] = failure('train', rc) if rc != 0 else 'non-finite loss or missing iterations/evals'
+    return result
+
+
+# -----------------------------------------------------------------------------
+# the duel: SUBLLM against the LLaMA with the same training FLOPs, for quality (docs/quality.md asks it at scale)
+DUEL = {'subllm': 'config/duel_subllm_50m.py', 'llama': 'config/duel_llama_50m.py'}
+
+
+def duel_cmd(work, arm):
+    cmd = [PY, 'train.py', DUEL[arm], f"--data_dir={os.path.join(work, 'duel-data')}", '--dataset=stdlib',
+           f"--out_dir={os.path.join(work, 'duel-' + arm)}"]
+    if gpu:
+        return cmd
+    return cmd + ['--device=cpu', '--compile=False', '--n_embd=32', '--n_head=2', '--block_size=64', '--batch_size=4',
+                  '--max_iters=10', '--eval_interval=5', '--eval_iters=2', '--log_interval=5', '--warmup_iters=2',
+                  '--learning_rate=3e-3', '--min_lr=3e-4']  # the pair's configs, toy-sized (the CPU test)
+
+
+def duel(timeout, work):
+    """Train both arms, one after the other, each in half the time left; compare them at the last eval both reached
+    (a run cut short by the budget still counts, at equal iterations, tokens and so about equal FLOPs)."""
+    t0 = time.time()
+    data = make_data(os.path.join(work, 'duel-data'), min(timeout, 120), 'duel')
+    arms, rcs = {}, {}
+    for i, arm in enumerate(DUEL):
+        left = timeout - (time.time() - t0)
+        rcs[arm], _ = run(duel_cmd(work, arm), 'duel', left / (2 - i))
+        log = os.path.join(work, 'duel-' + arm, 'log.jsonl')
+        arms[arm] = [json.loads(line) for line in open(log) if line.strip()] if os.path.exists(log) else []
+    common = sorted(set(e['iter'] for e in arms['subllm']) & set(e['iter'] for e in arms['llama']))
+    at = common[-1] if common else None
+    last = {arm: next((e for e in evals if e['iter'] == at), None) for arm, evals in arms.items()}
+    result = dict(ok=all(rc == 0 for rc in rcs.values()) and bool(at), seconds=time.time() - t0, data=data,
+                  command=' ; '.join(shlex.join(duel_cmd(work, arm)) for arm in DUEL), configs=DUEL, iter=at)
+    for arm, record in last.items():
+        steady = [e for e in arms[arm] if e['iter'] > 0]
+        result[arm] = record and dict(val_loss=record['val_loss'], flops=record['flops'], tokens=record['tokens'],
+                                      kept=record.get('kept'), evals=[[e['iter'], e['val_loss']] for e in arms[arm]],
+                                      tokens_per_s=len(steady) > 1 and (steady[-1]['tokens'] - steady[0]['tokens'])
+                                      / max(1e-9, steady[-1]['time_s'] - steady[0]['time_s']) or None)
+    if at:
+        result['gap'] = last['subllm']['val_loss'] - last['llama']['val_loss']  # > 0: SUBLLM behind
+        result['flop_ratio'] = last['subllm']['flops'] / last['llama']['flops']
+    if not result['ok']:
+        failed = [arm for arm, rc in rcs.items() if rc != 0]
+        result['error'] = failure('duel', rcs[failed[0]]) if failed else 'no eval that both arms reached'
     return result
 
 
@@ -343,7 +396,7 @@ def bench(timeout, work):
 # -----------------------------------------------------------------------------
 # the run, the summary, the JSON
 
-RUNS = {'equivalence': equivalence, 'bench': bench, 'train': train}
+RUNS = {'equivalence': equivalence, 'bench': bench, 'train': train, 'duel': duel}
 
 
 def fmt(value, spec, missing='-'):
@@ -369,6 +422,10 @@ def summary(report):
                 line += f"val loss {r['evals'][0]['val_loss']:.3f} -> {r['evals'][-1]['val_loss']:.3f}; "
             line += (f"{fmt(r['tokens_per_s'], ',.0f')} tok/s, MFU {fmt(r['mfu'], '.1%')} (iters "
                      f"{'-'.join(map(str, r['steady_iters'] or ['-']))}); first iter {fmt(r['first_iter_s'], '.1f')} s")
+        elif name == 'duel':
+            line += ' ; '.join(f"{arm} val loss {r[arm]['val_loss']:.4f} ({r[arm]['flops'] / 1e12:.3g} TFLOPs, "
+                               f"{fmt(r[arm]['tokens_per_s'], ',.0f')} tok/s)" for arm in DUEL if r.get(arm))
+            line += f"; at iter {r['iter']}, gap {fmt(r.get('gap'), '+.4f')} (SUBLLM - LLaMA)"
         else:
             line += (f"{r['preset']}, {r['dtype']}, compile {r['compile']}: {len(r['rows'])} measurements")
         print(line)
@@ -407,7 +464,8 @@ def main():
     if dry_run:  # what each stage would run (test_gpu_check.py checks that the scripts accept the GPU's flags)
         work = os.path.abspath(work_dir) if work_dir else '<work_dir>'
         commands = dict(equivalence=[equivalence_cmd(work)], train=[prepare_cmd(os.path.join(work, 'data')),
-                                                                    train_cmd(work)], bench=bench_cmds(work))
+                                                                    train_cmd(work)], bench=bench_cmds(work),
+                        duel=[prepare_cmd(os.path.join(work, 'duel-data'))] + [duel_cmd(work, arm) for arm in DUEL])
         print(json.dumps(dict(env=dict(equivalence=EQUIV_ENV),
                               commands={k: v for k, v in commands.items() if k in chosen}), indent=1))
         return 0

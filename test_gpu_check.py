@@ -100,6 +100,31 @@ def test_the_gpu_size_commands_are_accepted_by_their_scripts(tmp_path):
     assert n and int(n.group(1)) >= 20 and 'test_cached_decoding_equals_full_forward' in collected.stdout
 
 
+def test_the_duel_trains_both_arms_on_the_same_data_and_compares_them_at_one_iter(tmp_path):
+    """--stages=duel at CPU size: SUBLLM and the FLOP-matched LLaMA (the pair's configs, toy-sized) both train to
+    the end; the report's val losses and FLOPs are those of each run's log at the same iter, and the gap is their
+    difference. At GPU size its commands are the configs' own, which train.py accepts."""
+    result, report = gpu_check(tmp_path, '--stages=duel', f'--work_dir={tmp_path / "work"}')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    duel = report['stages']['duel']
+    assert duel['ok'] and duel['iter'] == 10 and 'stdlib' in duel['data']
+    logs = {arm: [json.loads(line) for line in open(tmp_path / 'work' / f'duel-{arm}' / 'log.jsonl')]
+            for arm in ('subllm', 'llama')}
+    for arm, log in logs.items():
+        assert duel[arm]['val_loss'] == log[-1]['val_loss'] and duel[arm]['flops'] == log[-1]['flops']
+        assert log[-1]['iter'] == 10 and log[-1]['tokens'] == logs['subllm'][-1]['tokens']  # the same tokens
+    assert duel['subllm']['kept'] and duel['llama']['kept'] is None  # levels in one arm only
+    assert duel['gap'] == duel['subllm']['val_loss'] - duel['llama']['val_loss']
+    assert 'duel' in result.stdout and 'gap' in result.stdout
+    listed = subprocess.run([sys.executable, GPU_CHECK, '--size=gpu', '--dry_run=True', '--stages=duel',
+                             f'--work_dir={tmp_path}'], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
+    prepare, subllm, llama = json.loads(listed.stdout)['commands']['duel']
+    assert 'config/duel_subllm_50m.py' in subllm and 'config/duel_llama_50m.py' in llama
+    for cmd in (prepare, subllm, llama):
+        done = subprocess.run(cmd + ['--help'], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and not done.stderr.strip(), (cmd, done.stderr)
+
+
 def test_each_stage_gets_the_time_left_less_what_the_later_stages_keep(tmp_path, monkeypatch):
     """The budget, on a clock the test controls (the wall clock plays no part): a stage's timeout is the budget's
     time left less the minimum kept for each later stage (at size cpu: 3, 12 and 15 s); a stage that takes all of
