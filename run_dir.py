@@ -330,6 +330,10 @@ class RunDir:
         self.keep_prev = path == self.ckpt_path  # resumed past a damaged ckpt.pt: the next save replaces it
         changed = [f"{k}={config[k]!r} (was {v!r})" for k, v in checkpoint['config'].items()
                    if k not in ('init_from', 'overwrite') and config.get(k) != v]
+        was = checkpoint['config'].get('seed')
+        if config.get('est') and config.get('seed') != was:  # est.subnetwork_at draws each step's sub-network from it
+            raise SystemExit(f"--seed={config.get('seed')} differs from the checkpoint's ({was}): an EST run draws its "
+                             f"sub-networks from the seed, so a resume keeps it; drop --seed or give --seed={was}")
         if changed:
             say(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
         return checkpoint, path

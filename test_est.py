@@ -161,6 +161,8 @@ def test_est_run_logs_stages_and_flops_and_resumes_mid_stage_exactly(monkeypatch
     for r in log_a + log_b:
         r.pop('time_s')
     assert log_a == log_b  # the same sub-networks, losses and FLOP counts, exactly
+    with pytest.raises(SystemExit, match=r"--seed=7 differs from the checkpoint's \(1337\): an EST run draws"):
+        train(monkeypatch, *flags, f'--out_dir={tmp_path / "b"}', '--init_from=resume', '--seed=7', '--max_iters=14')
     assert [r['stage'] for r in log_a] == [1, 1, 2, 3]
     assert log_a[-1]['train_loss'] < log_a[0]['train_loss']
     dense_per_iter = log_a[1]['flops_dense'] / 4
