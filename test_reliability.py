@@ -426,13 +426,21 @@ def test_bad_input(case, results, tmp_path, monkeypatch, capsys):
 # T8: a second run on a live run's out_dir
 
 
+def as_from_a_terminal():
+    """In a child before it starts: Ctrl-C as a terminal delivers it, whatever this pytest process (or a library
+    in it) ignores or blocks; a child inherits both, and then never sees the SIGINT that a test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_T8_a_second_run_is_refused_while_the_first_is_alive_and_the_first_loses_nothing(base, tmp_path):
     out = tmp_path / 'out-g'
     os.symlink(BASE / 'data', tmp_path / 'data')
     # the first run evals (and logs) at iter 0 only, then trains on: its files stay as they are while it runs
     first = subprocess.Popen([sys.executable, str(HERE / 'train.py'), *TINY, f'--out_dir={out}', '--seed=1',
                               '--max_iters=1000000', '--eval_interval=1000000'], cwd=tmp_path, env=env1(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=as_from_a_terminal)
     try:
         deadline = time.time() + 120
         while not ((out / 'train.lock').exists() and (out / 'log.jsonl').exists()
