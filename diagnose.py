@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from configurator import configure
+from dataset import open_dataset
 from run_dir import load_checkpoint, model_from
 
 # -----------------------------------------------------------------------------
@@ -38,13 +39,10 @@ levels = model.levels()
 if not levels:
     raise SystemExit(f"{ckpt_path}: structure {model.config.structure} has no subsampled level to diagnose")
 train_config = checkpoint['config']
-folder = os.path.join(data_dir, train_config['dataset'])
-meta = checkpoint.get('meta') or {}
-val_file = os.path.join(folder, meta['val_shards'][0]['file'] if 'val_shards' in meta else 'val.bin')
-if not os.path.exists(val_file):
-    raise SystemExit(f"no {val_file}: run the prepare.py command of this checkpoint's dataset first")
-data = np.memmap(val_file, dtype=meta.get('dtype', 'uint16'), mode='r')
 T = train_config.get('block_size', model.config.block_size)  # the training crops' length
+folder = os.path.join(data_dir, train_config['dataset'])
+meta, files, _ = open_dataset(folder, T)  # as train.py finds and checks them: one line when something is off
+data = np.memmap(os.path.join(folder, files['val'][0]), dtype=meta['dtype'], mode='r')
 starts = torch.randint(len(data) - T, (rows,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 records = {id(level): [] for level in levels}  # per level: (scores (T_level,)) per row

@@ -131,6 +131,9 @@ def test_diagnose_reports_what_the_levels_keep(tmp_path, monkeypatch, capsys):
     os.makedirs(tmp_path / 'data' / 'toy')
     val = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16)
     val.tofile(tmp_path / 'data' / 'toy' / 'val.bin')
+    val.tofile(tmp_path / 'data' / 'toy' / 'train.bin')  # the dataset as prepare.py writes it (diagnose reads val)
+    (tmp_path / 'data' / 'toy' / 'meta.json').write_text('{"tokenizer": "byte", "vocab_size": 256, "dtype": "uint16", '
+                                                         '"train_tokens": 5000, "val_tokens": 5000}')
     report = tmp_path / 'diag.json'
     monkeypatch.setattr(sys, 'argv', ['diagnose.py', f'--out_dir={out_dir}', f'--data_dir={tmp_path / "data"}',
                                       '--rows=4', f'--json={report}'])
