@@ -4,11 +4,18 @@ when matplotlib is installed, a PNG of val loss against tokens, against training
 method: SUBLLM spends fewer per token) and against wall time.
 
     python plot.py out-parity-subllm out-parity-llama --png=assets/parity.png
+    python plot.py --gap=docs/trend.csv --png=assets/trend_gap.png
+
+--gap reads a table of final val losses, one row per seed of a SUBLLM run and its FLOP-matched LLaMA (columns
+params_m, tokens_m, seed, subllm, llama), and shows the gap SUBLLM - LLaMA against tokens (at the smallest
+params_m) and against parameters (at the smallest tokens_m): the mean over seeds, with their standard deviation.
 
 matplotlib is optional (pip install matplotlib); without it the table is still printed. A line of a log that is not
 a record (cut short by a crash, a bad edit) is skipped, and said.
 """
+import csv
 import os
+import statistics
 import sys
 
 from run_dir import read_log, shown
@@ -70,13 +77,31 @@ def table(runs):
     return '\n'.join(lines)
 
 
-def plot(runs, png):
+def pyplot():
+    """matplotlib's pyplot, drawing to files; None (and said) when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed, so no plot: pip install matplotlib")
+        return None
+    return plt
+
+
+def save(fig, png):
+    fig.tight_layout()
+    try:
+        os.makedirs(os.path.dirname(png) or '.', exist_ok=True)
+        fig.savefig(png, dpi=120)
+    except (OSError, ValueError) as e:  # ValueError: a file name matplotlib has no format for
+        sys.exit(f"error: cannot write {png} ({getattr(e, 'strerror', None) or e})")
+    print(f"wrote {png}")
+
+
+def plot(runs, png):
+    plt = pyplot()
+    if plt is None:
         return
     fig, (by_tokens, by_flops, by_time) = plt.subplots(1, 3, figsize=(16, 4))
     for name, recs in runs.items():
@@ -94,13 +119,61 @@ def plot(runs, png):
         ax.set_ylabel('val loss')
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
+    save(fig, png)
+
+
+def read_gaps(path):
+    """{(params_m, tokens_m): [gap of each seed]} from a --gap table: SUBLLM's val loss minus its LLaMA's."""
     try:
-        os.makedirs(os.path.dirname(png) or '.', exist_ok=True)
-        fig.savefig(png, dpi=120)
-    except (OSError, ValueError) as e:  # ValueError: a file name matplotlib has no format for
-        sys.exit(f"error: cannot write {png} ({getattr(e, 'strerror', None) or e})")
-    print(f"wrote {png}")
+        with open(path, newline='') as f:
+            rows = list(csv.DictReader(f))
+        gaps = {}
+        for row in rows:
+            point = (float(row['params_m']), float(row['tokens_m']))
+            gaps.setdefault(point, []).append(float(row['subllm']) - float(row['llama']))
+    except OSError as e:
+        sys.exit(f"error: cannot read {path} ({e.strerror or e})")
+    except (KeyError, TypeError, ValueError) as e:
+        sys.exit(f"error: {path}: every row needs numbers in params_m, tokens_m, seed, subllm, llama ({e!r})")
+    if not gaps:
+        sys.exit(f"error: {path} has no rows")
+    return gaps
+
+
+def gap_table(gaps):
+    lines = ["| SUBLLM parameters (M) | tokens (M) | seeds | gap SUBLLM - LLaMA (val loss) | per seed |",
+             "|---|---|---|---|---|"]
+    for (params, tokens), g in sorted(gaps.items()):
+        spread = f" ± {statistics.stdev(g):.3f}" if len(g) > 1 else ""
+        lines.append(f"| {params:g} | {tokens:g} | {len(g)} | {statistics.mean(g):+.3f}{spread} | "
+                     f"{', '.join(f'{x:+.3f}' for x in g)} |")
+    return '\n'.join(lines)
+
+
+def plot_gaps(gaps, png):
+    plt = pyplot()
+    if plt is None:
+        return
+    base_params, base_tokens = min(p for p, _ in gaps), min(t for _, t in gaps)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    by_tokens = sorted((tokens, g) for (params, tokens), g in gaps.items() if params == base_params)
+    by_params = sorted((params, g) for (params, tokens), g in gaps.items() if tokens == base_tokens)
+    for ax, points, label in [(axes[0], by_tokens, f'tokens (M), at {base_params:g}M parameters'),
+                              (axes[1], by_params, f'SUBLLM parameters (M), at {base_tokens:g}M tokens')]:
+        xs = [x for x, _ in points]
+        ax.errorbar(xs, [statistics.mean(g) for _, g in points], capsize=4, marker='o',
+                    yerr=[statistics.stdev(g) if len(g) > 1 else 0 for _, g in points])
+        for x, g in points:
+            ax.scatter([x] * len(g), g, color='gray', s=10, zorder=3)
+        ax.axhline(0, color='black', lw=0.8)
+        ax.set_xscale('log')
+        ax.minorticks_off()
+        ax.set_xticks(xs, [f'{x:g}' for x in xs])
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('val loss, SUBLLM - FLOP-matched LLaMA')
+    fig.suptitle('mean over seeds ± their standard deviation (grey: each seed); below 0: SUBLLM is better')
+    save(fig, png)
 
 
 if __name__ == '__main__':
@@ -109,8 +182,16 @@ if __name__ == '__main__':
         sys.exit(0)
     args = [a for a in sys.argv[1:] if not a.startswith('-')]
     flags = dict(a[2:].partition('=')[::2] for a in sys.argv[1:] if a.startswith('-'))
-    if not args or set(flags) - {'png'} or flags.get('png') == '':
-        sys.exit("usage: python plot.py OUT_DIR [OUT_DIR ...] [--png=path.png]")
+    if (not args and 'gap' not in flags) or (args and 'gap' in flags) or set(flags) - {'png', 'gap'} \
+            or '' in (flags.get('png'), flags.get('gap')):
+        sys.exit("usage: python plot.py OUT_DIR [OUT_DIR ...] [--png=path.png], or python plot.py --gap=table.csv "
+                 "[--png=path.png]")
+    if 'gap' in flags:
+        gaps = read_gaps(flags['gap'])
+        print(gap_table(gaps))
+        if 'png' in flags:
+            plot_gaps(gaps, flags['png'])
+        sys.exit(0)
     names = [os.path.basename(os.path.normpath(d)) for d in args]
     runs = {name if names.count(name) == 1 else os.path.normpath(d): records_of(d) for name, d in zip(names, args)}
     print(table(runs))
