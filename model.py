@@ -203,9 +203,8 @@ class Attention(nn.Module):
         self.kv_cache.write(rows, slots, k, v)
         if len(row_list) == self.kv_cache.k.size(0):  # every row, in order: one call over views of the caches
             return self.attend(q, *self.kv_cache.read(slice(None), max(ends), q.dtype), mask, is_causal=mask is None)
-        # Some rows (those entering a level, decoding): each attends over its own slots, views of the cache. Copying
-        # the rows' caches out instead cost 3x the attention itself at batch 64. One query (a decoding step) sees its
-        # row's every slot, its own the last: no mask.
+        # Some rows (those entering a level): each attends over views of its own slots (copying them out cost 3x the
+        # attention at batch 64). One query (a decoding step) sees its row's every slot: no mask.
         T = q.size(2)
         return torch.cat([self.attend(q[i:i + 1], *self.kv_cache.read(slice(r, r + 1), end, q.dtype),
                                       None if T == 1 or mask is None else mask[i:i + 1, :, :, :end],
@@ -274,12 +273,10 @@ BALANCER_SIZE_GAIN = 0.04  # the spec's gain, for keeping mean |score| in [1, 4]
 
 
 class Balancer(torch.autograd.Function):
-    """Identity forward. Backward corrects the score gradient so that in training (a) the fraction of positive scores
-    tracks keep_ratio and (b) the mean |score| stays in [1, 4] (SUBLLM.md §7), so that eval-time `score > 0` keeps
-    about as many tokens as train-time top-k. Applied with probability `prob` (set_step's schedule). The default is
-    the spec's (Zipformer's gain 0.04, balancer='spec'): in docs/quality.md it trains better than our stronger one
-    (balancer='strong': the task gradient's common mode removed, the count pushed with BALANCER_COUNT_GAIN), whose
-    weak size push let |score| sink below 1, so that soft weights under 1 damped what the inner blocks add."""
+    """Identity forward. Backward corrects the score gradient so that (a) the fraction of positive scores tracks
+    keep_ratio and (b) the mean |score| stays in [1, 4] (SUBLLM.md §7), with probability `prob` (set_step). The
+    default is the spec's (gain 0.04). balancer='strong' (the task gradient's common mode removed, the count pushed
+    with BALANCER_COUNT_GAIN) let |score| sink below 1, where soft weights damp the levels (docs/quality.md)."""
 
     @staticmethod
     def forward(ctx, scores, keep_ratio, prob, valid=None, spec=False):  # valid (B, T): real tokens, or None
@@ -401,9 +398,8 @@ def upsample(x, y, idx, weights):
     w_p * y_p + (1 - w_p) * x_p, elsewhere x_p. x (B, T, C), y (B, K, C), idx and weights (B, K)."""
     w = weights[..., None].to(y.dtype)
     mixed = w * y + (1 - w) * gather_tokens(x, idx)
-    # x.scatter(1, idx, mixed) would say the same, but torch 2.13's inductor (CPU) fused the bypass after it into
-    # a kernel that read x before the scatter had written (a compiled training step lost every level's output);
-    # scattering into zeros and selecting keeps eager's values exactly and compiles right
+    # Not x.scatter(1, idx, mixed): torch 2.13's inductor (CPU) fused the bypass after it into a kernel that read x
+    # before the scatter wrote it. Scattering into zeros and selecting gives eager's values and compiles right
     kept = torch.zeros_like(x[..., 0], dtype=torch.bool).scatter(1, idx, True)[..., None]  # (B, T, 1)
     return torch.where(kept, torch.zeros_like(x).scatter(1, idx[..., None].expand_as(y), mixed), x)
 
@@ -469,13 +465,11 @@ class Level(nn.Module):
 
     @torch.no_grad()
     def track_cut(self, scores, valid=None, momentum=0.05):
-        """Move score_offset towards the top-k cut of the batch, like BatchNorm's running mean, so that eval's
-        `score > 0` keeps about keep_ratio of the tokens. With the Balancer alone the eval-time kept fraction swung
-        between 0.46 and 0.96 in config/parity_subllm.py. Top-k is unchanged by it; it moves after the batch's
-        selection, the same for every token, so it leaks nothing. running_cut='batch': the score between the
-        ceil(keep * n) largest of the batch's n real tokens and the rest, the one threshold that keeps keep_ratio of
-        them, as eval's single threshold must. 'rows': the mean of each row's own cut, which keeps less than
-        keep_ratio once rows differ in their score level (docs/quality.md)."""
+        """Move score_offset towards the top-k cut, like BatchNorm's running mean, so that eval's `score > 0` keeps
+        about keep_ratio (with the Balancer alone it swung between 0.46 and 0.96). It moves after the selection, the
+        same for every token: top-k is unchanged and nothing leaks. 'batch': the score between the ceil(keep * n)
+        largest of the batch's n real tokens and the rest, the one threshold that keeps keep_ratio of them. 'rows':
+        the mean of each row's cut, which keeps less once rows differ in score level (docs/quality.md)."""
         B, T = scores.shape
         if self.config.running_cut == 'batch':
             scores, valid = scores.reshape(1, -1), None if valid is None else valid.reshape(1, -1)
