@@ -293,9 +293,11 @@ class Balancer(torch.autograd.Function):
         positive = (scores > 0).float() * real
         frac_positive, mean_abs = positive.sum() / n_real, (scores.abs() * real).sum() / n_real
         g = BALANCER_SIZE_GAIN
-        if ctx.spec:  # Zipformer: linear in the distance outside [keep - 0.05, keep + 0.05], at most g
-            lo, hi = max(keep - 0.05, 1e-3), min(keep + 0.05, 1 - 1e-3)
-            count_push = g * ((lo - frac_positive).clamp(min=0) / lo - (frac_positive - hi).clamp(min=0) / (1 - hi))
+        if ctx.spec:  # Zipformer: linear in the distance outside [keep - 0.05, keep + 0.05], at most g; a band
+            lo, hi = keep - 0.05, keep + 0.05  # that reaches 0 or 1 has no side there (no fraction is outside it)
+            too_few = (lo - frac_positive).clamp(min=0) / lo if lo > 0 else 0.0
+            too_many = (frac_positive - hi).clamp(min=0) / (1 - hi) if hi < 1 else 0.0
+            count_push = g * (too_few - too_many)
         else:
             count_push = ((keep - frac_positive) * BALANCER_COUNT_GAIN).clamp(-1, 1)  # > 0: too few positive scores
         size_push = ((1.0 - mean_abs) * g).clamp(0, g) - ((mean_abs - 4.0) * g / 4.0).clamp(0, g)  # |s| into [1, 4]

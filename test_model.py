@@ -627,6 +627,15 @@ def test_spec_balancer_pushes_every_score_by_the_distance_outside_the_band(frac,
     assert torch.allclose(TASK_GRAD - grad, torch.full_like(grad, push * TASK_GRAD.abs().mean()), atol=1e-7)
 
 
+@pytest.mark.parametrize("keep, frac, push", [(0.97, 1.0, 0.0), (0.97, 0.93, 0.0), (0.97, 0.5, G * 0.42 / 0.92),
+                                              (0.03, 0.0, 0.0), (0.03, 0.07, 0.0), (0.03, 0.5, -G * 0.42 / 0.92)])
+def test_spec_balancer_band_reaching_0_or_1_has_no_side_there(keep, frac, push):
+    """keep 0.97: the band [0.92, 1.02] holds every fraction from 0.92 up, all positive too; keep 0.03 likewise down
+    to none. Such a batch is not pushed; one outside the band's other side is, as for any keep."""
+    grad = balancer_backward(scores_with(frac, 2.0), TASK_GRAD, keep=keep)
+    assert torch.allclose(TASK_GRAD - grad, torch.full_like(grad, push * TASK_GRAD.abs().mean()), atol=1e-7)
+
+
 @pytest.mark.parametrize("balancer", ["spec", "strong"])
 @pytest.mark.parametrize("size, push", [(0.5, G * 0.5), (0.05, G * 0.95), (1.0, 0.0), (2.5, 0.0), (4.0, 0.0),
                                         (6.0, -G * 0.5), (12.0, -G)])
