@@ -476,8 +476,12 @@ class Level(nn.Module):
         if self.config.running_cut == 'batch':
             scores, valid = scores.reshape(1, -1), None if valid is None else valid.reshape(1, -1)
             B, T = scores.shape
-        n = torch.full((B,), T, device=scores.device) if valid is None else valid.sum(1)  # (B,) real tokens
-        k = torch.ceil(self.keep_ratio * n.double()).long()  # float64 like top-k's math.ceil (float32: 0.6 * 25 -> 16)
+        if valid is None:  # T real tokens in every row: k is top-k's own math.ceil (float32 rounds 0.6 * 25 to 16)
+            n = torch.full((B,), T, device=scores.device)
+            k = torch.full((B,), math.ceil(self.keep_ratio * T), device=scores.device)
+        else:  # (B,) real tokens; float64 like math.ceil, but MPS has none
+            n = valid.sum(1)
+            k = torch.ceil(self.keep_ratio * n.to(torch.float32 if n.device.type == 'mps' else torch.float64)).long()
         ranked = scores if valid is None else scores.masked_fill(~valid, -math.inf)
         ranked = ranked.sort(dim=1, descending=True).values  # (B, T)
         above = ranked.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1)  # the k-th largest, kept
