@@ -36,7 +36,8 @@ class SubLLMConfig:
     capacity_slack: float = 0.25    # threshold: a level has room for keep * T * (1 + slack) tokens (static shapes)
     # Three choices of ours that the paper does not make (README, deviations), switchable for the quality ablations
     scorer_norm: bool = True        # the scorer reads rms_norm(x); False: the raw residual stream x (the paper)
-    balancer: str = 'spec'          # 'spec': Zipformer's, gain 0.04; 'strong': gain 10, common mode removed
+    balancer: str = 'spec'          # 'spec': Zipformer's, gain 0.04; 'centred': and the task gradient's common
+                                    # mode removed; 'strong': centred, count gain 10
     running_cut: str = 'batch'      # subtract a running average of the top-k cut: of the 'batch', the mean of its
                                     # 'rows' (what earlier runs used), or 'off' (Level.track_cut)
     rope_theta: float = 10000.0
@@ -71,7 +72,7 @@ class SubLLMConfig:
                                        f"levels: give one float, or one per level"),
                 (all(0.0 < r <= 1.0 for r in ratios), f"keep_ratio {self.keep_ratio} must be in (0, 1]"),
                 (self.selection in ('topk', 'threshold'), "selection must be 'topk' or 'threshold'"),
-                (self.balancer in ('strong', 'spec'), "balancer must be 'strong' or 'spec'"),
+                (self.balancer in ('spec', 'centred', 'strong'), "balancer must be 'spec', 'centred' or 'strong'"),
                 (self.running_cut in ('batch', 'rows', 'off'), "running_cut must be 'batch', 'rows' or 'off'"),
                 (self.capacity_slack >= 0, f"capacity_slack must be >= 0, got {self.capacity_slack}"),
                 (self.rec_window >= 1, f"rec_window={self.rec_window} must be at least 1"),
@@ -275,13 +276,15 @@ BALANCER_SIZE_GAIN = 0.04  # the spec's gain, for keeping mean |score| in [1, 4]
 class Balancer(torch.autograd.Function):
     """Identity forward. Backward corrects the score gradient so that (a) the fraction of positive scores tracks
     keep_ratio and (b) the mean |score| stays in [1, 4] (SUBLLM.md §7), with probability `prob` (set_step). The
-    default is the spec's (gain 0.04). balancer='strong' (the task gradient's common mode removed, the count pushed
-    with BALANCER_COUNT_GAIN) let |score| sink below 1, where soft weights damp the levels (docs/quality.md)."""
+    default is the spec's (gain 0.04). 'centred': the spec's, with the task gradient's common mode removed: the
+    running cut cancels a shift of every score, and chasing the one the task gradient makes it lag (docs/quality.md).
+    'strong' (centred, the count pushed with BALANCER_COUNT_GAIN) let |score| sink below 1, where soft weights damp
+    the levels."""
 
     @staticmethod
-    def forward(ctx, scores, keep_ratio, prob, valid=None, spec=False):  # valid (B, T): real tokens, or None
+    def forward(ctx, scores, keep_ratio, prob, valid=None, mode='spec'):  # valid (B, T): real tokens, or None
         ctx.save_for_backward(scores, prob, valid)
-        ctx.keep_ratio, ctx.spec = keep_ratio, spec
+        ctx.keep_ratio, ctx.mode = keep_ratio, mode
         return scores.view_as(scores)
 
     @staticmethod
@@ -293,7 +296,7 @@ class Balancer(torch.autograd.Function):
         positive = (scores > 0).float() * real
         frac_positive, mean_abs = positive.sum() / n_real, (scores.abs() * real).sum() / n_real
         g = BALANCER_SIZE_GAIN
-        if ctx.spec:  # Zipformer: linear in the distance outside [keep - 0.05, keep + 0.05], at most g; a band
+        if ctx.mode != 'strong':  # Zipformer: linear in the distance outside [keep - 0.05, keep + 0.05], at most g; a band
             lo, hi = keep - 0.05, keep + 0.05  # that reaches 0 or 1 has no side there (no fraction is outside it)
             too_few = (lo - frac_positive).clamp(min=0) / lo if lo > 0 else 0.0
             too_many = (frac_positive - hi).clamp(min=0) / (1 - hi) if hi < 1 else 0.0
@@ -305,7 +308,7 @@ class Balancer(torch.autograd.Function):
         reached = (grad != 0).float()  # tokens the task gradient reaches (near the top-k cut)
         n_reached = reached.sum().clamp(min=1)
         grad_size = grad.abs().sum() / n_reached
-        if not ctx.spec:
+        if ctx.mode != 'spec':
             grad = grad - grad.sum() / n_reached * reached  # the task gradient, without its common mode
         apply = (torch.rand((), device=grad.device) < prob).float()
         return grad - apply * direction * grad_size, None, None, None, None
@@ -508,7 +511,7 @@ class Level(nn.Module):
         if self.training:
             if cfg.running_cut != 'off':
                 self.track_cut(scores, valid)
-            scores = Balancer.apply(scores, self.keep_ratio, self.balancer_prob, valid, cfg.balancer == 'spec')
+            scores = Balancer.apply(scores, self.keep_ratio, self.balancer_prob, valid, cfg.balancer)
             if cfg.selection == 'topk':
                 idx, weights = subsample_topk(scores, self.keep_ratio)  # (B, k), k = ceil(keep * T)
                 kept, counts = None, None

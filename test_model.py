@@ -576,10 +576,10 @@ def test_threshold_inner_level_never_takes_padding_and_neither_counts_nor_pushes
     assert model.selection_stats()[1][1] == int(valid.sum())  # level 2 was offered its real tokens only
 
 
-@pytest.mark.parametrize("balancer", ["spec", "strong"])
+@pytest.mark.parametrize("balancer", ["spec", "centred", "strong"])
 def test_a_level_uses_the_balancer_its_config_names(balancer):
     """At balancer probability 0 (no push), balancer='spec' passes the task gradient to the scorer untouched, while
-    'strong' takes its common mode out: the scorer's gradient tells which one the level runs."""
+    'centred' and 'strong' take its common mode out: the scorer's gradient tells which one the level runs."""
     grads = {}
     for through in ('model', 'identity'):
         model = build(tiny(structure="T(T)T", balancer=balancer), weight_scale=1.0)
@@ -600,7 +600,7 @@ def test_a_level_uses_the_balancer_its_config_names(balancer):
 def balancer_backward(scores, grad, keep, balancer='spec', prob=1.0, valid=None):
     """The gradient that the Balancer passes to the scores (B, T) when the task's gradient is grad (B, T)."""
     scores = scores.clone().requires_grad_()
-    out = Balancer.apply(scores, keep, torch.tensor(prob), valid, balancer == 'spec')
+    out = Balancer.apply(scores, keep, torch.tensor(prob), valid, balancer)
     assert torch.equal(out, scores)  # identity forward: the loss does not change
     out.backward(grad)
     return scores.grad
@@ -617,14 +617,17 @@ TASK_GRAD = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
 G = 0.04  # the spec's gain: a push is at most 0.04 of the mean |task gradient|
 
 
+@pytest.mark.parametrize("balancer", ["spec", "centred"])
 @pytest.mark.parametrize("frac, push", [(0.5, 0.0), (0.46, 0.0), (0.54, 0.0),  # inside keep +- 0.05: none
                                         (0.2, G * (0.45 - 0.2) / 0.45), (0.0, G),   # too few positive: larger
                                         (0.8, -G * (0.8 - 0.55) / 0.45), (1.0, -G)])  # too many: smaller
-def test_spec_balancer_pushes_every_score_by_the_distance_outside_the_band(frac, push):
+def test_spec_balancer_pushes_every_score_by_the_distance_outside_the_band(balancer, frac, push):
     """balancer='spec' (Zipformer's): outside keep +- 0.05 the positive fraction is pushed back, every score alike,
-    by G * mean |task gradient| * (the distance outside the band, as a fraction of the room on that side)."""
-    grad = balancer_backward(scores_with(frac, 2.0), TASK_GRAD, keep=0.5)  # |s| = 2: inside [1, 4], no size push
-    assert torch.allclose(TASK_GRAD - grad, torch.full_like(grad, push * TASK_GRAD.abs().mean()), atol=1e-7)
+    by G * mean |task gradient| * (the distance outside the band, as a fraction of the room on that side).
+    'centred' pushes alike, after taking the task gradient's mean out."""
+    grad = balancer_backward(scores_with(frac, 2.0), TASK_GRAD, keep=0.5, balancer=balancer)  # |s| = 2: no size push
+    task = TASK_GRAD if balancer == 'spec' else TASK_GRAD - TASK_GRAD.mean()
+    assert torch.allclose(task - grad, torch.full_like(grad, push * TASK_GRAD.abs().mean()), atol=1e-7)
 
 
 @pytest.mark.parametrize("keep, frac, push", [(0.97, 1.0, 0.0), (0.97, 0.93, 0.0), (0.97, 0.5, G * 0.42 / 0.92),
@@ -636,16 +639,16 @@ def test_spec_balancer_band_reaching_0_or_1_has_no_side_there(keep, frac, push):
     assert torch.allclose(TASK_GRAD - grad, torch.full_like(grad, push * TASK_GRAD.abs().mean()), atol=1e-7)
 
 
-@pytest.mark.parametrize("balancer", ["spec", "strong"])
+@pytest.mark.parametrize("balancer", ["spec", "centred", "strong"])
 @pytest.mark.parametrize("size, push", [(0.5, G * 0.5), (0.05, G * 0.95), (1.0, 0.0), (2.5, 0.0), (4.0, 0.0),
                                         (6.0, -G * 0.5), (12.0, -G)])
 def test_balancer_pushes_mean_abs_score_into_1_to_4(balancer, size, push):
     """Mean |score| below 1: positive scores are pushed up and negative ones down (all grow), by
     G/2 * (1 - mean |s|) * mean |task gradient|; above 4 they shrink, by G/2 * (mean |s| - 4) / 4; in [1, 4], none.
-    Both balancers push sizes alike (at 0.5 positive, 'strong' pushes no count)."""
+    Every balancer pushes sizes alike (at 0.5 positive, 'strong' pushes no count)."""
     scores = scores_with(0.5, size)
     grad = balancer_backward(scores, TASK_GRAD, keep=0.5, balancer=balancer)
-    task = TASK_GRAD if balancer == 'spec' else TASK_GRAD - TASK_GRAD.mean()  # 'strong' drops the common mode
+    task = TASK_GRAD if balancer == 'spec' else TASK_GRAD - TASK_GRAD.mean()  # 'centred', 'strong' drop the common mode
     sign = torch.where(scores > 0, 1.0, -1.0)
     assert torch.allclose(task - grad, sign * push / 2 * TASK_GRAD.abs().mean(), atol=1e-7)
 
@@ -660,7 +663,7 @@ def test_strong_balancer_pushes_the_count_in_proportion_to_the_error(frac):
     assert torch.allclose(grad, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("balancer", ["spec", "strong"])
+@pytest.mark.parametrize("balancer", ["spec", "centred", "strong"])
 def test_balancer_counts_and_pushes_only_real_tokens_and_sizes_by_the_tokens_the_gradient_reaches(balancer):
     """Padding (valid False) is neither counted nor pushed; the push's unit is the mean |task gradient| over the
     tokens it reaches (top-k gives a gradient only near the cut), not over all tokens."""
@@ -673,8 +676,8 @@ def test_balancer_counts_and_pushes_only_real_tokens_and_sizes_by_the_tokens_the
     task[:, 20:] = 0.0  # reaches half of the tokens
     grad = balancer_backward(scores, task, keep=0.5, balancer=balancer, valid=valid)
     reached_mean = task[:, :20].abs().mean()
-    push = G * (0.45 - 0.2) / 0.45 if balancer == 'spec' else 1.0
-    common = 0.0 if balancer == 'spec' else task.sum() / 80  # strong: the mean over the reached tokens
+    push = 1.0 if balancer == 'strong' else G * (0.45 - 0.2) / 0.45
+    common = 0.0 if balancer == 'spec' else task.sum() / 80  # centred, strong: the mean over the reached tokens
     reached = (task != 0).float()
     expected = task - common * reached - push * reached_mean * valid.float()
     assert torch.allclose(grad, expected, atol=1e-6)
@@ -704,7 +707,7 @@ def test_balancer_applies_with_its_scheduled_probability():
 
 
 @pytest.mark.parametrize("balancer, start_size, start_frac", [
-    ('spec', 0.1, 0.3), ('spec', 10.0, 0.3), ('spec', 2.0, 0.02), ('spec', 2.0, 0.95),
+    ('spec', 0.1, 0.3), ('spec', 10.0, 0.3), ('spec', 2.0, 0.02), ('spec', 2.0, 0.95), ('centred', 2.0, 0.95),
     ('strong', 0.1, 0.3), ('strong', 2.0, 0.02), ('strong', 2.0, 0.95)])  # 'strong' from 10: slow, as its size push
 def test_balancer_holds_the_positive_fraction_and_mean_abs_score_over_a_short_training(balancer, start_size,
                                                                                       start_frac):
@@ -716,9 +719,9 @@ def test_balancer_holds_the_positive_fraction_and_mean_abs_score_over_a_short_tr
     scores = (scores_with(start_frac, start_size) * 1.25 * torch.randn(4, 50, generator=gen).abs()).requires_grad_()
     task = torch.randn(4, 50, generator=gen)
     task -= task.mean()
-    lr = 5.0 if balancer == 'spec' else 0.2  # 'strong' pushes the count up to 25x harder: a smaller step is stable
+    lr = 0.2 if balancer == 'strong' else 5.0  # 'strong' pushes the count up to 25x harder: a smaller step is stable
     for step in range(1500):
-        out = Balancer.apply(scores, keep, torch.tensor(1.0), None, balancer == 'spec')
+        out = Balancer.apply(scores, keep, torch.tensor(1.0), None, balancer)
         out.backward(task)
         with torch.no_grad():
             scores -= lr * (scores.grad - task)

@@ -70,7 +70,7 @@ keep_ratio = 0.64               # fraction of its parent's tokens a level keeps;
 selection = 'topk'              # training-time selection: 'topk' (the paper) or 'threshold' (score > 0, causal)
 capacity_slack = 0.25           # threshold: room for keep * T * (1 + slack) tokens per level; the rest skip
 scorer_norm = True              # the scorer reads rms_norm(x); False: the raw x, as the paper (an ablation)
-balancer = 'spec'               # 'spec' (Zipformer's gain 0.04) or 'strong' (count gain 10; docs/quality.md)
+balancer = 'spec'               # 'spec' (Zipformer's gain 0.04), 'centred' or 'strong' (docs/quality.md)
 running_cut = 'batch'           # the running top-k cut subtracted from the scores: of the 'batch', the mean of its
                                 # 'rows' (the runs before docs/quality.md's round two), or 'off' (an ablation)
 rope_theta = 10000.0
@@ -127,7 +127,7 @@ check_ranges(globals(), {
     'lr_decay_iters': ('[0, inf)', ' (0: until max_iters)'), 'min_lr': '[0, inf)', 'seed': '[0, 2147483647]',
     'eval_seed': '[0, 2147483647]'})
 for key, choices in dict(init_from=('scratch', 'resume', 'grow'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
-                         selection=('topk', 'threshold'), balancer=('strong', 'spec')).items():
+                         selection=('topk', 'threshold'), balancer=('spec', 'centred', 'strong')).items():
     if globals()[key] not in choices:
         raise SystemExit(f"--{key} must be one of {', '.join(choices)}, got {globals()[key]!r}")
 if init_from == 'grow' and grow_from and os.path.abspath(grow_from) == os.path.abspath(out_dir):
