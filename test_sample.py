@@ -118,22 +118,28 @@ def test_command_line_errors(ckpt, tmp_path, args, words):
     assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr
 
 
-def test_diagnose_reports_what_the_levels_keep(tmp_path, monkeypatch, capsys):
-    """diagnose.py on a checkpoint: per level, the kept fraction equals the model's own eval-mode count on the same
-    crops fed one at a time, and mean |score| and the soft weights are those of the scores w . x - offset."""
+def diagnose_setup(tmp_path, **config):
+    """A checkpoint whose levels have a running cut, and the dataset of its run (as prepare.py writes it)."""
     out_dir = str(tmp_path / 'out')
     save_checkpoint(out_dir)
     checkpoint = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)
-    checkpoint['config'] = {'out_dir': out_dir, 'dataset': 'toy', 'block_size': 48}
+    checkpoint['config'] = {'out_dir': out_dir, 'dataset': 'toy', 'block_size': 48, **config}
     for key in [k for k in checkpoint['model'] if k.endswith('score_offset')]:  # a trained model's running cut
         checkpoint['model'][key] = torch.tensor(0.02)
     torch.save(checkpoint, os.path.join(out_dir, 'ckpt.pt'))
     os.makedirs(tmp_path / 'data' / 'toy')
     val = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16)
     val.tofile(tmp_path / 'data' / 'toy' / 'val.bin')
-    val.tofile(tmp_path / 'data' / 'toy' / 'train.bin')  # the dataset as prepare.py writes it (diagnose reads val)
+    val.tofile(tmp_path / 'data' / 'toy' / 'train.bin')
     (tmp_path / 'data' / 'toy' / 'meta.json').write_text('{"tokenizer": "byte", "vocab_size": 256, "dtype": "uint16", '
                                                          '"train_tokens": 5000, "val_tokens": 5000}')
+    return out_dir, checkpoint, val
+
+
+def test_diagnose_reports_what_the_levels_keep(tmp_path, monkeypatch, capsys):
+    """diagnose.py on a checkpoint: per level, the kept fraction equals the model's own eval-mode count on the same
+    crops fed one at a time, and mean |score| and the soft weights are those of the scores w . x - offset."""
+    out_dir, checkpoint, val = diagnose_setup(tmp_path)
     report = tmp_path / 'diag.json'
     monkeypatch.setattr(sys, 'argv', ['diagnose.py', f'--out_dir={out_dir}', f'--data_dir={tmp_path / "data"}',
                                       '--rows=4', f'--json={report}'])
@@ -152,3 +158,32 @@ def test_diagnose_reports_what_the_levels_keep(tmp_path, monkeypatch, capsys):
     for row, (depth, offered, kept) in zip(levels, model.level_stats()):
         assert row['depth'] == depth and row['kept'] == pytest.approx(kept / offered)
         assert 1 >= row['kept_at_weight_1'] >= 0 and 0 < row['mean_weight_kept'] <= 1 and row['mean_abs_score'] > 0
+
+
+@pytest.mark.parametrize("balancer", ["", "centred"])
+def test_diagnose_drift_steps_report_the_cut_that_moved_the_running_offset(tmp_path, monkeypatch, capsys, balancer):
+    """--drift_steps trains on from the checkpoint's optimizer state: each level's running offset moves by 0.05 of
+    the batch cut it saw at every step, so the reported mean cut of the offset scores times 0.05 * steps is how far
+    the offset moved; --balancer swaps the Balancer for those steps, and a checkpoint without an optimizer is one
+    line."""
+    config = dict(batch_size=4, min_lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, max_iters=200)
+    out_dir, checkpoint, _ = diagnose_setup(tmp_path, **config)
+    model = SubLLM(SubLLMConfig(**checkpoint['model_args']))
+    checkpoint['optimizer'] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').state_dict()
+    torch.save(checkpoint, os.path.join(out_dir, 'ckpt.pt'))
+    report = tmp_path / 'diag.json'
+    argv = ['diagnose.py', f'--out_dir={out_dir}', f'--data_dir={tmp_path / "data"}', '--rows=2', f'--json={report}',
+            '--drift_steps=6', f'--balancer={balancer}']
+    monkeypatch.setattr(sys, 'argv', argv)
+    runpy.run_path(os.path.join(HERE, 'diagnose.py'), run_name='__main__')
+    assert re.search(r"^  depth 2: score level [-+]\d\.\d{4} a step", capsys.readouterr().out, re.M)
+    levels = __import__('json').loads(report.read_text())['levels']
+    for row in levels:
+        drift = row['drift']
+        assert drift['balancer'] == (balancer or 'spec') and drift['steps'] == 6
+        assert drift['offset_moved'] != 0
+        assert drift['offset_moved'] == pytest.approx(0.05 * drift['cut_mean'] * 6, rel=1e-4, abs=1e-7)
+    del checkpoint['optimizer']
+    torch.save(checkpoint, os.path.join(out_dir, 'ckpt.pt'))
+    with pytest.raises(SystemExit, match=r"has no optimizer state: --drift_steps needs a checkpoint of train.py"):
+        runpy.run_path(os.path.join(HERE, 'diagnose.py'), run_name='__main__')
