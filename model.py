@@ -296,8 +296,8 @@ class Balancer(torch.autograd.Function):
         positive = (scores > 0).float() * real
         frac_positive, mean_abs = positive.sum() / n_real, (scores.abs() * real).sum() / n_real
         g = BALANCER_SIZE_GAIN
-        if ctx.mode != 'strong':  # Zipformer: linear in the distance outside [keep - 0.05, keep + 0.05], at most g; a band
-            lo, hi = keep - 0.05, keep + 0.05  # that reaches 0 or 1 has no side there (no fraction is outside it)
+        if ctx.mode != 'strong':  # Zipformer: linear in the distance outside [keep - 0.05, keep + 0.05], at most g
+            lo, hi = keep - 0.05, keep + 0.05  # a band that reaches 0 or 1 has no side there
             too_few = (lo - frac_positive).clamp(min=0) / lo if lo > 0 else 0.0
             too_many = (frac_positive - hi).clamp(min=0) / (1 - hi) if hi < 1 else 0.0
             count_push = g * (too_few - too_many)
