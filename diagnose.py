@@ -140,9 +140,10 @@ if drift_steps > 0:
     for level, row in zip(levels, table):
         cuts, offsets = np.array(seen[id(level)]).T
         raw = cuts + offsets  # the batch's cut before the offset: the score level
+        slope = float(np.polyfit(np.arange(drift_steps), raw, 1)[0]) if drift_steps > 1 else 0.0
         row['drift'] = {'steps': drift_steps, 'balancer': model.config.balancer, 'cut_mean': float(cuts.mean()),
-                        'cut_std': float(cuts.std()), 'level_per_step': float(np.polyfit(np.arange(drift_steps), raw, 1)[0])
-                        if drift_steps > 1 else 0.0, 'offset_moved': level.score_offset.item() - float(offsets[0])}
+                        'cut_std': float(cuts.std()), 'level_per_step': slope,
+                        'offset_moved': level.score_offset.item() - float(offsets[0])}
         print(f"  depth {level.depth}: score level {row['drift']['level_per_step']:+.4f} a step; the batch's cut of "
               f"the offset scores {cuts.mean():+.3f} on average (std {cuts.std():.3f}; 0: the running cut keeps up)")
 
