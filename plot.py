@@ -7,8 +7,9 @@ method: SUBLLM spends fewer per token) and against wall time.
     python plot.py --gap=docs/trend.csv --png=assets/trend_gap.png
 
 --gap reads a table of final val losses, one row per seed of a SUBLLM run and its FLOP-matched LLaMA (columns
-params_m, tokens_m, seed, subllm, llama), and shows the gap SUBLLM - LLaMA against tokens (at the smallest
-params_m) and against parameters (at the smallest tokens_m): the mean over seeds, with their standard deviation.
+params_m, tokens_m, seed, subllm, llama, and optionally recipe), and shows the gap SUBLLM - LLaMA against tokens
+(at the smallest params_m) and against parameters (at the smallest tokens_m), a line per recipe: the mean over
+seeds, with their standard deviation.
 
 matplotlib is optional (pip install matplotlib); without it the table is still printed. A line of a log that is not
 a record (cut short by a crash, a bad edit) is skipped, and said.
@@ -123,13 +124,13 @@ def plot(runs, png):
 
 
 def read_gaps(path):
-    """{(params_m, tokens_m): [gap of each seed]} from a --gap table: SUBLLM's val loss minus its LLaMA's."""
+    """{(recipe, params_m, tokens_m): [gap of each seed]} from a --gap table: SUBLLM's val loss minus its LLaMA's."""
     try:
         with open(path, newline='') as f:
             rows = list(csv.DictReader(f))
         gaps = {}
         for row in rows:
-            point = (float(row['params_m']), float(row['tokens_m']))
+            point = (row.get('recipe') or '', float(row['params_m']), float(row['tokens_m']))
             gaps.setdefault(point, []).append(float(row['subllm']) - float(row['llama']))
     except OSError as e:
         sys.exit(f"error: cannot read {path} ({e.strerror or e})")
@@ -141,38 +142,52 @@ def read_gaps(path):
 
 
 def gap_table(gaps):
-    lines = ["| SUBLLM parameters (M) | tokens (M) | seeds | gap SUBLLM - LLaMA (val loss) | per seed |",
-             "|---|---|---|---|---|"]
-    for (params, tokens), g in sorted(gaps.items()):
+    lines = ["| recipe | SUBLLM parameters (M) | tokens (M) | seeds | gap SUBLLM - LLaMA (val loss) | per seed |",
+             "|---|---|---|---|---|---|"]
+    for (recipe, params, tokens), g in sorted(gaps.items()):
         spread = f" ± {statistics.stdev(g):.3f}" if len(g) > 1 else ""
-        lines.append(f"| {params:g} | {tokens:g} | {len(g)} | {statistics.mean(g):+.3f}{spread} | "
+        lines.append(f"| {recipe or '-'} | {params:g} | {tokens:g} | {len(g)} | {statistics.mean(g):+.3f}{spread} | "
                      f"{', '.join(f'{x:+.3f}' for x in g)} |")
     return '\n'.join(lines)
+
+
+def gap_points(gaps, recipe, along):
+    """[(x, the gap of each seed)] of one recipe along 'tokens' (at the smallest params_m) or 'params' (at the
+    smallest tokens_m)."""
+    base_params, base_tokens = min(p for _, p, _ in gaps), min(t for _, _, t in gaps)
+    if along == 'tokens':
+        return sorted((t, g) for (r, p, t), g in gaps.items() if r == recipe and p == base_params)
+    return sorted((p, g) for (r, p, t), g in gaps.items() if r == recipe and t == base_tokens)
 
 
 def plot_gaps(gaps, png):
     plt = pyplot()
     if plt is None:
         return
-    base_params, base_tokens = min(p for p, _ in gaps), min(t for _, t in gaps)
+    recipes = sorted({r for r, _, _ in gaps})
+    base_params, base_tokens = min(p for _, p, _ in gaps), min(t for _, _, t in gaps)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    by_tokens = sorted((tokens, g) for (params, tokens), g in gaps.items() if params == base_params)
-    by_params = sorted((params, g) for (params, tokens), g in gaps.items() if tokens == base_tokens)
-    for ax, points, label in [(axes[0], by_tokens, f'tokens (M), at {base_params:g}M parameters'),
-                              (axes[1], by_params, f'SUBLLM parameters (M), at {base_tokens:g}M tokens')]:
-        xs = [x for x, _ in points]
-        ax.errorbar(xs, [statistics.mean(g) for _, g in points], capsize=4, marker='o',
-                    yerr=[statistics.stdev(g) if len(g) > 1 else 0 for _, g in points])
-        for x, g in points:
-            ax.scatter([x] * len(g), g, color='gray', s=10, zorder=3)
+    for ax, along, label in [(axes[0], 'tokens', f'tokens (M), at {base_params:g}M parameters'),
+                             (axes[1], 'params', f'SUBLLM parameters (M), at {base_tokens:g}M tokens')]:
+        xs = set()
+        for recipe in recipes:
+            points = gap_points(gaps, recipe, along)
+            xs |= {x for x, _ in points}
+            line = ax.errorbar([x for x, _ in points], [statistics.mean(g) for _, g in points], capsize=4,
+                               marker='o', yerr=[statistics.stdev(g) if len(g) > 1 else 0 for _, g in points],
+                               label=recipe or None)
+            for x, g in points:
+                ax.scatter([x] * len(g), g, color=line[0].get_color(), s=10, alpha=0.5, zorder=3)
         ax.axhline(0, color='black', lw=0.8)
         ax.set_xscale('log')
         ax.minorticks_off()
-        ax.set_xticks(xs, [f'{x:g}' for x in xs])
+        ax.set_xticks(sorted(xs), [f'{x:g}' for x in sorted(xs)])
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
+        if any(recipes):
+            ax.legend()
     axes[0].set_ylabel('val loss, SUBLLM - FLOP-matched LLaMA')
-    fig.suptitle('mean over seeds ± their standard deviation (grey: each seed); below 0: SUBLLM is better')
+    fig.suptitle('mean over seeds ± their standard deviation (dots: each seed); below 0: SUBLLM is better')
     save(fig, png)
 
 

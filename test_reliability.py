@@ -338,10 +338,12 @@ CASES = [
          files_same=True),
     Sibling('L-png', ['plot', 'out', '--png'], r"^usage: python plot.py", setup=trained),
     Sibling('L-gap', ['plot', '--gap=trend.csv'],
-            r"\| 2\.7 \| 2\.05 \| 2 \| \+0\.020 ± 0\.014 \| \+0\.030, \+0\.010 \|\n"
-            r"\| 8\.7 \| 2\.05 \| 1 \| -0\.050 \| -0\.050 \|$", rc=0,
-            setup=with_files(**{'trend.csv': 'params_m,tokens_m,seed,subllm,llama\n2.7,2.05,1,1.53,1.50\n'
-                                             '8.7,2.05,1,1.40,1.45\n2.7,2.05,2,1.51,1.50\n'})),
+            r"\| a \| 2\.7 \| 2\.05 \| 2 \| \+0\.020 ± 0\.014 \| \+0\.030, \+0\.010 \|\n"
+            r"\| a \| 8\.7 \| 2\.05 \| 1 \| -0\.050 \| -0\.050 \|\n"
+            r"\| b \| 2\.7 \| 2\.05 \| 1 \| \+0\.100 \|",
+            rc=0, setup=with_files(**{'trend.csv': 'recipe,params_m,tokens_m,seed,subllm,llama\n'
+                                                   'a,2.7,2.05,1,1.53,1.50\na,8.7,2.05,1,1.40,1.45\n'
+                                                   'a,2.7,2.05,2,1.51,1.50\nb,2.7,2.05,1,1.6,1.5\n'})),
     Sibling('L-gap-bad', ['plot', '--gap=trend.csv'], r"^error: trend.csv: every row needs numbers in params_m",
          setup=with_files(**{'trend.csv': 'params_m,tokens_m,seed\n2.7,2.05,1\n'})),
 ]
