@@ -170,14 +170,15 @@ def plot_gaps(gaps, png):
     for ax, along, label in [(axes[0], 'tokens', f'tokens (M), at {base_params:g}M parameters'),
                              (axes[1], 'params', f'SUBLLM parameters (M), at {base_tokens:g}M tokens')]:
         xs = set()
-        for recipe in recipes:
+        for i, recipe in enumerate(recipes):
             points = gap_points(gaps, recipe, along)
             xs |= {x for x, _ in points}
-            line = ax.errorbar([x for x, _ in points], [statistics.mean(g) for _, g in points], capsize=4,
+            shift = 1 + 0.04 * (i - (len(recipes) - 1) / 2)  # recipes side by side at the same x (a log axis)
+            line = ax.errorbar([x * shift for x, _ in points], [statistics.mean(g) for _, g in points], capsize=4,
                                marker='o', yerr=[statistics.stdev(g) if len(g) > 1 else 0 for _, g in points],
                                label=recipe or None)
             for x, g in points:
-                ax.scatter([x] * len(g), g, color=line[0].get_color(), s=10, alpha=0.5, zorder=3)
+                ax.scatter([x * shift] * len(g), g, color=line[0].get_color(), s=10, alpha=0.5, zorder=3)
         ax.axhline(0, color='black', lw=0.8)
         ax.set_xscale('log')
         ax.minorticks_off()
