@@ -107,6 +107,8 @@ def batch_cut(scores, keep_ratio):
 if drift_steps > 0:
     if 'optimizer' not in checkpoint:
         raise SystemExit(f"{ckpt_path} has no optimizer state: --drift_steps needs a checkpoint of train.py")
+    if balancer and balancer not in ('spec', 'centred', 'strong'):
+        raise SystemExit(f"--balancer must be 'spec', 'centred' or 'strong' ('': the checkpoint's), got {balancer!r}")
     if balancer:
         model.config.balancer = balancer  # the levels read it at every forward
     c = train_config

@@ -183,6 +183,10 @@ def test_diagnose_drift_steps_report_the_cut_that_moved_the_running_offset(tmp_p
         assert drift['balancer'] == (balancer or 'spec') and drift['steps'] == 6
         assert drift['offset_moved'] != 0
         assert drift['offset_moved'] == pytest.approx(0.05 * drift['cut_mean'] * 6, rel=1e-4, abs=1e-7)
+    monkeypatch.setattr(sys, 'argv', argv[:-1] + ['--balancer=centered'])
+    with pytest.raises(SystemExit, match=r"^--balancer must be 'spec', 'centred' or 'strong'"):
+        runpy.run_path(os.path.join(HERE, 'diagnose.py'), run_name='__main__')
+    monkeypatch.setattr(sys, 'argv', argv)
     del checkpoint['optimizer']
     torch.save(checkpoint, os.path.join(out_dir, 'ckpt.pt'))
     with pytest.raises(SystemExit, match=r"has no optimizer state: --drift_steps needs a checkpoint of train.py"):
