@@ -36,7 +36,7 @@ class SubLLMConfig:
     capacity_slack: float = 0.25    # threshold: a level has room for keep * T * (1 + slack) tokens (static shapes)
     # Three choices of ours that the paper does not make (README, deviations), switchable for the quality ablations
     scorer_norm: bool = True        # the scorer reads rms_norm(x); False: the raw residual stream x (the paper)
-    balancer: str = 'spec'          # 'spec': Zipformer's, gain 0.04; 'centred': and the task gradient's common
+    balancer: str = 'centred'       # 'spec': Zipformer's, gain 0.04; 'centred': and the task gradient's common
                                     # mode removed; 'strong': centred, count gain 10
     running_cut: str = 'batch'      # subtract a running average of the top-k cut: of the 'batch', the mean of its
                                     # 'rows' (what earlier runs used), or 'off' (Level.track_cut)

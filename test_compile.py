@@ -27,8 +27,8 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(selection='threshold'), dict(balancer='strong')],
-                         ids=['topk', 'threshold', 'strong'])
+@pytest.mark.parametrize("kw", [dict(), dict(selection='threshold'), dict(balancer='spec'), dict(balancer='strong')],
+                         ids=['topk', 'threshold', 'spec', 'strong'])
 def test_training_step_is_one_graph_with_eager_loss_and_gradients(kw):
     eager = tiny(**kw).train()
     compiled_model = copy.deepcopy(eager)

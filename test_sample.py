@@ -160,7 +160,7 @@ def test_diagnose_reports_what_the_levels_keep(tmp_path, monkeypatch, capsys):
         assert 1 >= row['kept_at_weight_1'] >= 0 and 0 < row['mean_weight_kept'] <= 1 and row['mean_abs_score'] > 0
 
 
-@pytest.mark.parametrize("balancer", ["", "centred"])
+@pytest.mark.parametrize("balancer", ["", "spec"])
 def test_diagnose_drift_steps_report_the_cut_that_moved_the_running_offset(tmp_path, monkeypatch, capsys, balancer):
     """--drift_steps trains on from the checkpoint's optimizer state: each level's running offset moves by 0.05 of
     the batch cut it saw at every step, so the reported mean cut of the offset scores times 0.05 * steps is how far
@@ -180,7 +180,7 @@ def test_diagnose_drift_steps_report_the_cut_that_moved_the_running_offset(tmp_p
     levels = __import__('json').loads(report.read_text())['levels']
     for row in levels:
         drift = row['drift']
-        assert drift['balancer'] == (balancer or 'spec') and drift['steps'] == 6
+        assert drift['balancer'] == (balancer or 'centred') and drift['steps'] == 6
         assert drift['offset_moved'] != 0
         assert drift['offset_moved'] == pytest.approx(0.05 * drift['cut_mean'] * 6, rel=1e-4, abs=1e-7)
     monkeypatch.setattr(sys, 'argv', argv[:-1] + ['--balancer=centered'])

@@ -70,7 +70,7 @@ keep_ratio = 0.64               # fraction of its parent's tokens a level keeps;
 selection = 'topk'              # training-time selection: 'topk' (the paper) or 'threshold' (score > 0, causal)
 capacity_slack = 0.25           # threshold: room for keep * T * (1 + slack) tokens per level; the rest skip
 scorer_norm = True              # the scorer reads rms_norm(x); False: the raw x, as the paper (an ablation)
-balancer = 'spec'               # 'spec' (Zipformer's gain 0.04), 'centred' or 'strong' (docs/quality.md)
+balancer = 'centred'            # 'centred' (the spec's, common mode removed), 'spec' or 'strong' (docs/quality.md)
 running_cut = 'batch'           # the running top-k cut subtracted from the scores: of the 'batch', the mean of its
                                 # 'rows' (the runs before docs/quality.md's round two), or 'off' (an ablation)
 rope_theta = 10000.0
