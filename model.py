@@ -275,8 +275,8 @@ BALANCER_SIZE_GAIN = 0.04  # the spec's gain, for keeping mean |score| in [1, 4]
 
 class Balancer(torch.autograd.Function):
     """Identity forward. Backward corrects the score gradient so that (a) the fraction of positive scores tracks
-    keep_ratio and (b) the mean |score| stays in [1, 4] (SUBLLM.md §7), with probability `prob` (set_step). The
-    default is the spec's (gain 0.04). 'centred': the spec's, with the task gradient's common mode removed: the
+    keep_ratio and (b) the mean |score| stays in [1, 4] (SUBLLM.md §7), with probability `prob` (set_step). 'spec':
+    Zipformer's (gain 0.04). 'centred', the default: the spec's, with the task gradient's common mode removed: the
     running cut cancels a shift of every score, and chasing the one the task gradient makes it lag (docs/quality.md).
     'strong' (centred, the count pushed with BALANCER_COUNT_GAIN) let |score| sink below 1, where soft weights damp
     the levels."""

@@ -1,6 +1,6 @@
 # The GPU duel (issue #26, gpu_check.py --stages=duel): SUBLLM at ~55M parameters against the LLaMA with the same
 # training FLOPs (config/duel_llama_50m.py: 11 blocks, 0.985x the FLOPs), same data, tokens, seed and schedule,
-# with the default recipe (spec's Balancer, running cut over the batch). Byte tokens of the Python stdlib (nothing
+# with the default recipe (the centred Balancer, running cut over the batch). Byte tokens of the Python stdlib (nothing
 # to download): python prepare.py --tokenizer=byte. 1500 iterations of 32 x 1024 tokens (49M tokens); about 2
 # minutes each on an H200 with torch.compile (an estimate: not measured yet).
 out_dir = 'out-duel-subllm'

@@ -19,7 +19,7 @@ n_embd = 128
 n_head = 4
 structure = 'TT(TT(TT)TT)TT'  # 10 blocks, two nested levels
 keep_ratio = 0.64
-balancer = 'strong'  # what the parity and quality runs used (docs/quality.md); the default is now 'spec'
+balancer = 'strong'  # what the parity and quality runs used (docs/quality.md); the default is now 'centred'
 running_cut = 'rows'  # the same: the mean of each row's top-k cut; the default is now 'batch'
 
 learning_rate = 2e-3
