@@ -83,10 +83,11 @@ def env1():
 @pytest.mark.parametrize('structure', ['TT(T(T)T)T', 'TTTTTT'])
 def test_loss_falls_on_a_repeated_batch_and_checkpoint_has_what_sample_needs(monkeypatch, tmp_path, structure):
     rng = np.random.default_rng(1)
-    crop = rng.integers(0, 64, 33)  # exactly block_size + 1 tokens: every batch is this one crop
+    crop, val_crop = rng.integers(0, 64, (2, 33))  # exactly block_size + 1 tokens: every batch of a split is its crop
     out = str(tmp_path / 'out')
-    train(monkeypatch, *TINY, *make_data(tmp_path / 'data', crop, crop), f'--out_dir={out}', f'--structure={structure}',
-          '--max_iters=30', '--eval_interval=10', '--learning_rate=1e-2')
+    train(monkeypatch, *TINY, *make_data(tmp_path / 'data', crop, val_crop), f'--out_dir={out}',
+          f'--structure={structure}', '--max_iters=30', '--eval_interval=10', '--learning_rate=1e-2',
+          '--eval_iters=20')  # 20 val batches: a running cut moved by each would be 64% of the way to val's
 
     log = read_log(out)
     assert [r['iter'] for r in log] == [0, 10, 20, 30]
@@ -99,7 +100,6 @@ def test_loss_falls_on_a_repeated_batch_and_checkpoint_has_what_sample_needs(mon
         assert set(log[-1]) == fields | {'val_loss_train_selection', 'kept', 'kept_train', 'agree', 'dropped'}
         for key in ('kept', 'kept_train'):
             assert len(log[-1][key]) == 2 and all(0 <= k <= 1 for k in log[-1][key])
-        assert log[-1]['kept'] != log[-1]['kept_train']  # two samples: the val batches and the train batches
 
     # the checkpoint and the one before it (saved at iters 20 and 30); no ckpt.pt.tmp, no train.lock left behind
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'ckpt_prev.pt', 'log.jsonl']
@@ -110,6 +110,15 @@ def test_loss_falls_on_a_repeated_batch_and_checkpoint_has_what_sample_needs(mon
     model = SubLLM(SubLLMConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])  # strict: everything sample.py needs, without the data dir
     assert model.config.structure == structure
+    if structure != 'TTTTTT':  # the last eval's kept fractions: the final weights and running cut, in eval mode, on
+        kept = {}              # each split's crop; the val pass's train-mode forwards must not move the cut it reads
+        for key, tokens in (('kept_train', crop), ('kept', val_crop)):
+            model.eval().reset_level_stats()
+            with torch.no_grad():
+                model(torch.from_numpy(np.tile(tokens[:-1], (4, 1))).long())
+            kept[key] = [k / n for _, n, k in model.level_stats()]
+            assert log[-1][key] == pytest.approx(kept[key])
+        assert kept['kept'] != kept['kept_train']  # two samples: a mix-up of the splits fails the line above
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(monkeypatch, tmp_path, data):

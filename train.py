@@ -314,6 +314,8 @@ def estimate_loss():
                     raw_model.train()
                     with ctx:
                         losses_train_selection[k] = raw_model(X, Y)[1].item()
+                    for level, offset in zip(levels, offsets):  # before the next eval-mode batch reads them
+                        level.score_offset.copy_(offset)
             out[f'{split}_loss'] = losses.mean().item()
             if levels:  # each level's share of its parent's tokens in eval mode: on val batches, and on train's
                 out['kept' if split == 'val' else 'kept_train'] = [k / max(1, n) for _, n, k in raw_model.level_stats()]
@@ -321,8 +323,6 @@ def estimate_loss():
             out['val_loss_train_selection'] = losses_train_selection.mean().item()
             out['agree'] = [agree / max(1, seen) for _, seen, agree, _ in raw_model.selection_stats()]
             out['dropped'] = dropped
-    for level, offset in zip(levels, offsets):
-        level.score_offset.copy_(offset)
     raw_model.reset_level_stats()  # the training steps until the next eval count from zero
     raw_model.train()
     return out
