@@ -501,13 +501,16 @@ class Level(nn.Module):
         slack = self.config.capacity_slack if self.depth == 1 else 0.0
         return min(T, math.ceil(self.keep_ratio * T * (1 + slack)))
 
+    def score(self, x):
+        """(B, T): one score per token, centred by the running offset on the top-k cut, so that `score > 0` keeps
+        ~keep_ratio. Scoring rms_norm(x) changes no sign, only the scale: scores start near |s| ~ 1 whatever the
+        residual stream's size, where the soft weights and the Balancer work."""
+        scores = self.scorer(F.rms_norm(x, (x.size(-1),)) if self.config.scorer_norm else x).squeeze(-1).float()
+        return scores - self.score_offset
+
     def forward(self, x, pos, rope, valid=None, rows=None):
-        # (B, T): one score per token. Scoring rms_norm(x) changes no sign, only the scale: scores start near |s| ~ 1
-        # whatever the residual stream's size, where the soft weights and the Balancer work. The running offset
-        # centres them on the top-k cut, so that `score > 0` keeps ~keep_ratio.
         cfg = self.config
-        scores = self.scorer(F.rms_norm(x, (x.size(-1),)) if cfg.scorer_norm else x).squeeze(-1).float()
-        scores = scores - self.score_offset
+        scores = self.score(x)  # (B, T)
         if self.training:
             if cfg.running_cut != 'off':
                 self.track_cut(scores, valid)
@@ -671,6 +674,28 @@ class SubLLM(nn.Module):
     def level_stats(self):
         """Per level, in eval mode since the last reset: (depth, tokens offered, tokens kept)."""
         return [(level.depth, *level.stats[:2].tolist()) for level in self.levels()]
+
+    @torch.no_grad()
+    def calibrate_cuts(self, batches):
+        """Set each level's running cut, depth by depth, to the cut that keeps keep_ratio of the tokens reaching it
+        in eval mode on `batches` (token ids (B, T), training text), as BatchNorm's statistics are re-estimated
+        after training. The running cut follows training's top-k; an inner level's eval-mode input differs from it
+        (level 2 kept 0.56 for keep 0.64, docs/quality.md). train.py calls this at the end of training."""
+        was_training = self.training
+        self.eval()
+        for depth in sorted({level.depth for level in self.levels()}):
+            scores = {level: [] for level in self.levels() if level.depth == depth}
+            def record(level, args):  # args: x (B, T, C), pos, rope, valid (B, T) or None, rows
+                s, valid = level.score(args[0]), args[3]
+                scores[level].append(s.flatten() if valid is None else s[valid])
+            hooks = [level.register_forward_pre_hook(record) for level in scores]
+            for idx in batches:
+                self(idx)
+            for hook in hooks:
+                hook.remove()
+            for level, s in scores.items():  # the cut of every token offered, as one row: momentum 1 sets it
+                level.track_cut(torch.cat(s)[None], momentum=1.0)
+        self.train(was_training)
 
     def selection_stats(self):
         """Per level, in training since the last reset: (depth, tokens offered, tokens whose selection agrees with

@@ -791,6 +791,24 @@ def test_positive_score_fraction_follows_keep_ratio(selection):
         assert abs(tokens_kept / tokens_in - (0.75, 0.4)[depth - 1]) < 0.05, (depth, tokens_kept / tokens_in)
 
 
+def test_calibrate_cuts_makes_eval_keep_exactly_keep_ratio_of_what_reaches_each_level():
+    """calibrate_cuts sets each level's offset, depth by depth, so that eval's `score > 0` on those batches keeps
+    ceil(keep * n) of the n real tokens that reach the level. Depth 2 offered tokens with the old level-1 cut, or
+    padding counted as tokens, or one cut per batch, would keep another number."""
+    model = build(tiny(structure="T(T(T)T)T", keep_ratio=(0.7, 0.4), n_head=2), weight_scale=1.0).eval()
+    for level in model.levels():
+        level.score_offset.fill_(0.5)  # a cut that is far off
+    batches = [torch.randint(0, V, (3, 40)) for _ in range(2)]
+    model.calibrate_cuts(batches)
+    assert not model.training
+    model.reset_level_stats()
+    with torch.no_grad():
+        for idx in batches:
+            model(idx)
+    for (depth, offered, kept), keep in zip(model.level_stats(), (0.7, 0.4)):
+        assert offered > 0 and kept == math.ceil(keep * offered), (depth, offered, kept)
+
+
 @pytest.mark.parametrize("selection", ["topk", "threshold"])
 def test_compiled_forward_matches_eager(selection):
     model = build(tiny(structure="T(T)T", selection=selection))

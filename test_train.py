@@ -119,6 +119,11 @@ def test_loss_falls_on_a_repeated_batch_and_checkpoint_has_what_sample_needs(mon
             kept[key] = [k / n for _, n, k in model.level_stats()]
             assert log[-1][key] == pytest.approx(kept[key])
         assert kept['kept'] != kept['kept_train']  # two samples: a mix-up of the splits fails the line above
+        # train.py calibrated the running cuts in eval mode at the end, on train batches (all this crop): again
+        # on the same batches moves nothing, where the running cut of training is another value
+        saved_cuts = [level.score_offset.item() for level in model.levels()]
+        model.calibrate_cuts([torch.from_numpy(np.tile(crop[:-1], (4, 1))).long()] * 20)
+        assert [level.score_offset.item() for level in model.levels()] == pytest.approx(saved_cuts, abs=1e-6)
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(monkeypatch, tmp_path, data):

@@ -290,6 +290,17 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def calibrate_cuts():
+    """At the end of training, each level's running cut re-estimated in eval mode (SubLLM.calibrate_cuts) on
+    eval_iters train batches other than the eval's, so that the final eval's kept fractions are measured, not fitted."""
+    generator = torch.Generator().manual_seed(eval_seed + 2_000_003)
+    before = [level.score_offset.item() for level in levels]
+    with ctx:
+        raw_model.calibrate_cuts([get_batch('train', generator)[0] for _ in range(eval_iters)])
+    print(f"running cuts calibrated in eval mode on {eval_iters} train batches: " + ', '.join(
+        f"d{level.depth} {b:+.3f} -> {level.score_offset.item():+.3f}" for level, b in zip(levels, before)))
+
+
 @torch.no_grad()
 def estimate_loss():
     """Mean loss of each split over eval_iters batches, the same batches at every eval so that evals compare, in
@@ -366,6 +377,8 @@ while True:
             if device_type == 'cuda':
                 torch.cuda.synchronize()
             train_seconds += time.time() - t_train
+            if levels and iter_num == max_iters and not eval_only and raw_model.config.running_cut != 'off':
+                calibrate_cuts()
             losses = estimate_loss()
             line = f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
             if levels:
