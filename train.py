@@ -294,6 +294,7 @@ def calibrate_cuts():
     """At the end of training, each level's running cut re-estimated in eval mode (SubLLM.calibrate_cuts) on
     eval_iters train batches other than the eval's, so that the final eval's kept fractions are measured, not fitted."""
     generator = torch.Generator().manual_seed(eval_seed + 2_000_003)
+    set_subnetwork(raw_model, None)  # EST: the full model, the one that is evaluated and saved
     before = [level.score_offset.item() for level in levels]
     with ctx:
         raw_model.calibrate_cuts([get_batch('train', generator)[0] for _ in range(eval_iters)])
@@ -341,6 +342,7 @@ def estimate_loss():
 
 if est and use_compile:  # the blocks are compiled in place: keep evals eager, as raw_model's are without EST
     estimate_loss = torch.compiler.set_stance('force_eager')(estimate_loss)
+    calibrate_cuts = torch.compiler.set_stance('force_eager')(calibrate_cuts)
 
 
 def save_checkpoint(save=True, **extra):
