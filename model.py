@@ -41,6 +41,7 @@ class SubLLMConfig:
     running_cut: str = 'batch'      # subtract a running average of the top-k cut: of the 'batch', the mean of its
                                     # 'rows' (what earlier runs used), or 'off' (Level.track_cut)
     rope_theta: float = 10000.0
+    rope_scaling: dict = None       # Llama 3's long-context RoPE (rope_frequencies); None: plain RoPE
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dropout: float = 0.0
@@ -135,6 +136,22 @@ class RMSNorm(nn.Module):
         x_float = x.float()
         x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
         return x_float.type_as(x) * self.weight
+
+
+def rope_frequencies(config):
+    """(D/2,) the rotation frequency of each pair of a head's channels: theta^(-2i/D). With Llama 3's rope_scaling
+    (Hugging Face's rope_type 'llama3': factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    the long wavelengths are stretched by factor, the short ones kept, those between blended smoothly."""
+    head_dim = config.n_embd // config.n_head
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    if config.rope_scaling is None:
+        return freqs
+    s = config.rope_scaling
+    factor, low, high, old_len = (s['factor'], s['low_freq_factor'], s['high_freq_factor'],
+                                  s['original_max_position_embeddings'])
+    wavelen = 2 * math.pi / freqs
+    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)  # 0: wavelength past old_len / low, 1: below / high
+    return (1 - smooth) * freqs / factor + smooth * freqs
 
 
 def apply_rope(x, cos, sin):
@@ -572,8 +589,7 @@ class SubLLM(nn.Module):
         if config.tie_embeddings:
             self.tok_embeddings.weight = self.lm_head.weight
         # real cos/sin tables (not complex): they survive NCCL broadcast and torch.compile
-        head_dim = config.n_embd // config.n_head
-        freqs = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        freqs = rope_frequencies(config)
         rope_len = max(config.block_size, 2 * config.rec_window)  # a recurrent step spans 2 * rec_window positions
         angles = torch.outer(torch.arange(rope_len).float(), freqs)  # (rope_len, D/2)
         self.register_buffer('rope_cos', angles.cos(), persistent=False)

@@ -27,7 +27,8 @@ Usage (all flags are --key=value):
     python prepare.py --input='shards/*.parquet' --text_column=text  # local parquet and/or JSONL files -> shards
 
 Tokenizers: gpt2 (tiktoken, vocab 50257; its vocabulary is downloaded once and cached),
-byte (vocab 256, exact round trip), auto (default: gpt2 if it loads, else byte).
+byte (vocab 256, exact round trip), auto (default: gpt2 if it loads, else byte), and hf:DIR, the tokenizer.json of
+a Hugging Face model directory (pip install tokenizers), to train a model loaded with --init_from=hf on (hf.py).
 Offline gpt2: GPT2_BPE_FILE=path/to/gpt2.tiktoken (GPT-2's BPE ranks in tiktoken's format, as the openai-whisper
 sdist ships them in whisper/assets/; checked against GPT-2's sha256) makes gpt2 load from that file, no download.
 Documents (files, or pieces of text split at a literal <|endoftext|>, as TinyStories
@@ -275,7 +276,7 @@ def prepare_shards(sources, source, tok, out_dir, text_column, num_proc, max_tok
     small_val (val_tokens is the default): a corpus of fewer than 2 * val_tokens gets a val shard of ~1% instead."""
     t0, dtype = time.time(), dtype_for(tok.vocab_size)
     meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, dtype=dtype, eot_token=tok.eot_token,
-                doc_separator=f"token {tok.eot_token} after each document", source=source,
+                doc_separator=f"token {tok.eot_token} after each document", source=source, **tok.meta,
                 files=[[name, size] for name, size, _, _ in sources], text_column=text_column,
                 shard_tokens=shard_tokens, val_tokens=val_tokens)
     old, done = finished_shards(meta, out_dir, max_tokens)
@@ -397,8 +398,8 @@ def prepare_text(files, source, tok, out_dir, val_fraction, python_version, t0):
 
     meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, dtype=dtype, train_tokens=n_train, val_tokens=n_val,
                 eot_token=tok.eot_token,
-                doc_separator=f"token {tok.eot_token} ({'<|endoftext|>' if tok.name == 'gpt2' else 'NUL byte'}) "
-                              f"after each file, and in place of each literal <|endoftext|> in the text",
+                doc_separator=f"token {tok.eot_token} ({tok.eot_text}) after each file, and in place of each literal "
+                              f"<|endoftext|> in the text", **tok.meta,
                 source=source, num_files=len(files), text_bytes=total_bytes, python_version=python_version,
                 val_fraction=val_fraction)
     # Remove the old meta first and write the new one last: train.py sees either a complete old set,
@@ -428,7 +429,8 @@ def prepare(
                                    # .jsonl files become a shard set
         name='',                   # the folder under out_root (default: from the input's or the dataset's name)
         url='',                    # a plain text file to download instead
-        tokenizer='auto',          # gpt2, byte (vocab 256, exact round trip) or auto (gpt2 if it loads, else byte)
+        tokenizer='auto',          # gpt2, byte (vocab 256, exact round trip), auto (gpt2 if it loads, else byte) or
+                                   # hf:DIR (a Hugging Face model's tokenizer.json)
         val_fraction=0.005,        # train.bin/val.bin: the fraction of the tokens at the end that becomes val.bin
         out_root='data',           # writes out_root/name/
         max_files=0,               # read only the first max_files input files (0: all)

@@ -112,7 +112,11 @@ def load_trained(out_dir):
         f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}: train a model first (python train.py config/tiny_cpu.py "
         f"writes out-tiny/ckpt.pt) or pass --out_dir=DIR of a run that saved one"))
     model = model_from(checkpoint, path)
-    tok = get_tokenizer(getattr(checkpoint['meta'], 'get', {}.get)('tokenizer'))  # one line if gpt2 cannot load
+    meta = checkpoint['meta'] if isinstance(checkpoint['meta'], dict) else {}
+    tok = get_tokenizer(meta.get('tokenizer'))  # one line if gpt2 (or a Hugging Face tokenizer.json) cannot load
+    if tok.meta.get('tokenizer_sha256') != meta.get('tokenizer_sha256'):
+        raise SystemExit(f"{tok.name[3:]}/tokenizer.json is not the tokenizer this model's data was prepared with "
+                         f"(its sha256 differs from the one in meta.json): put that file back")
     if tok.vocab_size > model.config.vocab_size:
         raise SystemExit(f"tokenizer {tok.name} has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
     return model, tok, checkpoint, path

@@ -201,7 +201,7 @@ def test_single_file_and_glob_inputs(tmp_path):
 
 def test_uint32_for_big_vocab(tmp_path, monkeypatch):
     class BigVocab:
-        name, vocab_size, eot_token = 'big', 100_000, 99_999
+        name, vocab_size, eot_token, eot_text, meta = 'big', 100_000, 99_999, 'its last token', {}
 
         def encode(self, text):
             return [70_000 + ord(c) for c in text]

@@ -1,11 +1,13 @@
 """
 The tokenizers of prepare.py's token files, which sample.py and eval code decode with: gpt2 (tiktoken, vocab 50257;
-its vocabulary is downloaded once and cached, or read from GPT2_BPE_FILE), byte (vocab 256, exact round trip), and
-auto (gpt2 if it loads, else byte). Each has encode(str) -> list[int], decode(list[int]) -> str, vocab_size, name
-and eot_token.
+its vocabulary is downloaded once and cached, or read from GPT2_BPE_FILE), byte (vocab 256, exact round trip), auto
+(gpt2 if it loads, else byte), and hf:DIR (a Hugging Face model's own tokenizer.json, for a model loaded with hf.py).
+Each has encode(str) -> list[int], decode(list[int]) -> str, vocab_size, name, eot_token, eot_text (what ends a
+document, for meta.json) and meta (what else meta.json records about it).
 """
 import base64
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -22,7 +24,7 @@ class PrepareError(SystemExit):
 
 
 class ByteTokenizer:
-    name, vocab_size, eot_token = 'byte', 256, 0
+    name, vocab_size, eot_token, eot_text, meta = 'byte', 256, 0, 'NUL byte', {}
 
     def encode(self, text):
         """The UTF-8 bytes of a str; the bytes themselves of bytes (prepare.py reads files so: any bytes, exactly)."""
@@ -34,7 +36,7 @@ class ByteTokenizer:
 
 
 class GPT2Tokenizer:
-    name = 'gpt2'
+    name, eot_text, meta = 'gpt2', EOT_TEXT, {}
 
     def __init__(self):
         import tiktoken
@@ -72,8 +74,59 @@ def gpt2_from_file(path):
     return tiktoken.Encoding('gpt2', pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT_TEXT: 50256})
 
 
+class HFTokenizer:
+    """A Hugging Face model's own tokenizer: DIR/tokenizer.json through the `tokenizers` package, named 'hf:DIR' (DIR
+    made absolute). Like gpt2's encode_ordinary, text that spells a special token is encoded as text; documents end
+    with the model's eos token (tokenizer_config.json's eos_token, or config.json's eos_token_id). meta.json records
+    the file's sha256, which hf.py checks against the model's."""
+
+    def __init__(self, directory):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise PrepareError("--tokenizer=hf:DIR needs the tokenizers package: pip install tokenizers") from None
+        path = Path(directory).resolve() / 'tokenizer.json'
+        try:
+            data = path.read_bytes()
+            self.tok = Tokenizer.from_str(data.decode('utf-8'))
+        except (OSError, UnicodeDecodeError, Exception) as e:  # tokenizers raises a plain Exception on a bad file
+            why = 'no such file' if not path.exists() else ' '.join(str(e).split())[:150]
+            raise PrepareError(f"cannot read the tokenizer {path} ({why}): give hf:DIR of a Hugging Face model "
+                               f"directory that has tokenizer.json") from None
+        self.tok.encode_special_tokens = True  # '</s>' in the text is text, not the eos token
+        self.name, self.meta = f'hf:{path.parent}', {'tokenizer_sha256': hashlib.sha256(data).hexdigest()}
+        self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
+        self.eot_text, self.eot_token = eos_of(path.parent, self.tok)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids  # no BOS: documents are separated by eot_token
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+def eos_of(directory, tok):
+    """(text, id) of the end-of-sequence token of a Hugging Face tokenizer: tokenizer_config.json's eos_token, else
+    config.json's eos_token_id."""
+    for name, key in (('tokenizer_config.json', 'eos_token'), ('config.json', 'eos_token_id')):
+        try:
+            value = json.loads((directory / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        value = value.get('content') if isinstance(value, dict) else value[0] if isinstance(value, list) else value
+        if isinstance(value, str) and tok.token_to_id(value) is not None:
+            return value, tok.token_to_id(value)
+        if isinstance(value, int) and tok.id_to_token(value) is not None:
+            return tok.id_to_token(value), value
+    raise PrepareError(f"cannot tell the end-of-text token of {directory}'s tokenizer: neither tokenizer_config.json's "
+                       f"eos_token nor config.json's eos_token_id names one of its tokens")
+
+
 def get_tokenizer(name):
-    """'gpt2', 'byte', or 'auto' (gpt2 when its vocabulary loads, else byte). sample.py imports this."""
+    """'gpt2', 'byte', 'auto' (gpt2 when its vocabulary loads, else byte), or 'hf:DIR' (DIR/tokenizer.json).
+    sample.py imports this."""
+    if isinstance(name, str) and name.startswith('hf:'):
+        return HFTokenizer(name[3:])
     if name == 'byte':
         return ByteTokenizer()
     if name == 'gpt2':
@@ -86,7 +139,8 @@ def get_tokenizer(name):
                 raise
             print("tokenizer: auto -> byte (the gpt2 vocabulary could not be downloaded; this is fine offline)")
             return ByteTokenizer()
-    raise PrepareError(f"unknown tokenizer {name!r}: use --tokenizer=auto, gpt2 or byte")
+    raise PrepareError(f"unknown tokenizer {name!r}: use --tokenizer=auto, gpt2 or byte, or hf:DIR (a Hugging "
+                       f"Face model's tokenizer.json)")
 
 
 def dtype_for(vocab_size):

@@ -32,6 +32,7 @@ from distributed import Ranks
 from est import est_plan, est_stage, set_subnetwork, subnetwork_at
 from flops import estimate_mfu, forward_flops
 from grow import grow_checkpoint
+from hf import from_hf_run
 from model import SubLLMConfig, SubLLM
 from run_dir import RunDir, model_from, restore, rng_state
 
@@ -44,7 +45,7 @@ log_interval = 10
 eval_iters = 50                 # batches per split at each eval
 eval_only = False               # evaluate once (at iter 0, or at the resumed checkpoint) and exit
 always_save_checkpoint = True   # save at every eval; if False only when val loss improves (and always at the end)
-init_from = 'scratch'           # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'grow' (a deeper copy of grow_from's)
+init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt), 'grow' (grow_from's, deeper) or 'hf' (hf_model)
 overwrite = False               # a new run (scratch, grow) in an out_dir that holds another run's checkpoint or log:
                                 # False refuses, True deletes them and starts afresh
 # growing a trained model (init_from='grow'): a new run at iter 0, fresh optimizer, from grow_from/ckpt.pt's weights
@@ -53,6 +54,8 @@ grow_method = 'tli'             # 'tli': inject a block after every grow_k-th; '
 grow_k = 2                      # TLI: n blocks -> n + n // grow_k
 grow_init = 'copy_zero'         # TLI: 'copy_zero' (injected blocks start as the identity) or 'copy'
 grow_m = 2                      # DUS: n blocks -> 2 * (n - grow_m)
+hf_model = ''                   # init_from='hf': its directory (or hub id); a new run at iter 0, dims from its config
+hf_init = 'scratch'             # its new levels: 'scratch', 'c1' (bypass c 1) or 'fitted' (and fitted scorers): hf.py
 # data
 data_dir = 'data'
 dataset = 'stdlib'              # reads data_dir/dataset/{train.bin, val.bin, meta.json}
@@ -126,10 +129,10 @@ check_ranges(globals(), {
     'beta2': '[0, 1)', 'grad_clip': ('[0, inf)', ' (0: no clipping)'), 'warmup_iters': '[0, inf)',
     'lr_decay_iters': ('[0, inf)', ' (0: until max_iters)'), 'min_lr': '[0, inf)', 'seed': '[0, 2147483647]',
     'eval_seed': '[0, 2147483647]'})
-for key, choices in dict(init_from=('scratch', 'resume', 'grow'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
-                         selection=('topk', 'threshold'), balancer=('spec', 'centred', 'strong')).items():
-    if globals()[key] not in choices:
-        raise SystemExit(f"--{key} must be one of {', '.join(choices)}, got {globals()[key]!r}")
+for k, choices in dict(init_from=('scratch', 'resume', 'grow', 'hf'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
+                       selection=('topk', 'threshold'), balancer=('spec', 'centred', 'strong')).items():
+    if globals()[k] not in choices:
+        raise SystemExit(f"--{k} must be one of {', '.join(choices)}, got {globals()[k]!r}")
 if init_from == 'grow' and grow_from and os.path.abspath(grow_from) == os.path.abspath(out_dir):
     raise SystemExit(f"out_dir and grow_from are both {out_dir!r}: give the grown run its own --out_dir, or its "
                      f"checkpoints would overwrite the model it grows from")
@@ -196,6 +199,8 @@ if init_from == 'resume':
     train_seconds = checkpoint['train_seconds']
 elif init_from == 'grow':  # a new run at iter 0, from a deeper copy of grow_from's model (grow.py)
     model = grow_checkpoint(grow_from, grow_method, grow_k, grow_init, grow_m, say=say)
+elif init_from == 'hf':  # a new run at iter 0 from a Hugging Face LLaMA, in this run's structure (hf.py)
+    model = from_hf_run(config, meta, data_path, say=say)
 else:
     model_args = {f.name: config[f.name] for f in fields(SubLLMConfig) if f.name in config}  # the settings named so
     model_args.update(vocab_size=64 * math.ceil(meta['vocab_size'] / 64),  # a multiple of 64 is faster (50257 -> 50304)
