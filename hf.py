@@ -344,9 +344,9 @@ def from_hf_run(config, meta, data_path, say=print):
 
 
 def convert(
-        hf_model='',  # a Hugging Face LLaMA directory (or hub id): written as out_dir/ckpt.pt
-        out_dir='',   # the checkpoint's out_dir: written from hf_model, or read for --export
-        export='',    # write out_dir's trained LLaMA to this directory, in Hugging Face's layout
+        hf_model='',   # a Hugging Face LLaMA directory or hub id, to write as out_dir/ckpt.pt
+        out_dir='',    # the checkpoint's out_dir: written from hf_model, or read for --export
+        export='',     # write out_dir's trained LLaMA to this directory, in Hugging Face's layout
         tokenizer='',  # with --hf_model, the tokens of a directory without tokenizer.json: byte or gpt2
 ):
     """python hf.py: one direction or the other; one line for a mistake."""
