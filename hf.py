@@ -24,7 +24,6 @@ from dataclasses import asdict, fields
 
 import numpy as np
 import torch
-
 from torch.nn import functional as F
 
 from model import Level, SubLLM, SubLLMConfig
