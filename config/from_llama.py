@@ -14,7 +14,6 @@ hf_model = 'out-parity-llama-hf'
 hf_init = 'fitted'
 balancer = 'centred'  # the default recipe (parity_subllm.py keeps the one its runs used)
 running_cut = 'batch'
-eval_interval = 50
 
 # continued training: a short warmup to a peak 0.3x the from-scratch one (the model is trained; its new scorers are
 # not), cosine down to a tenth of it
