@@ -89,7 +89,7 @@ class HFTokenizer:
         try:
             data = path.read_bytes()
             self.tok = Tokenizer.from_str(data.decode('utf-8'))
-        except (OSError, UnicodeDecodeError, Exception) as e:  # tokenizers raises a plain Exception on a bad file
+        except Exception as e:  # OSError, UnicodeDecodeError, or the plain Exception of tokenizers on a bad file
             why = 'no such file' if not path.exists() else ' '.join(str(e).split())[:150]
             raise PrepareError(f"cannot read the tokenizer {path} ({why}): give hf:DIR of a Hugging Face model "
                                f"directory that has tokenizer.json") from None
