@@ -11,7 +11,7 @@ exec(open(os.path.join(os.path.dirname(__file__), 'parity_subllm.py')).read())
 out_dir = 'out-from-llama'
 init_from = 'hf'
 hf_model = 'out-parity-llama-hf'
-hf_init = 'fitted'
+hf_init = 'scratch'  # the new levels as for training from scratch; 'c1' and 'fitted' did no better (the doc)
 balancer = 'centred'  # the default recipe (parity_subllm.py keeps the one its runs used)
 running_cut = 'batch'
 
