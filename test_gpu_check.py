@@ -52,6 +52,9 @@ def test_cpu_size_runs_the_three_stages_and_reports_their_numbers(tmp_path):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r['flop_ratio'] > 1 and not r['oom']
         assert r['llama_mem_bytes'] >= 0 and r['llama_mfu'] is None  # no peak FLOP/s on a CPU
+        if r['mode'] == 'decode':  # an eager step's kernels and host reads (none for LLaMA), the caches' bytes
+            assert r['llama_reads_per_step'] == 0 < r['subllm_reads_per_step'] <= 2 and r['subllm_ops_per_step'] > 0
+            assert 0 < r['subllm_cache_bytes'] < r['llama_cache_bytes']
 
     train = report['stages']['train']  # the 250m config's file, toy-sized, 10 iterations on stdlib bytes
     assert train['config'] == 'config/gpu_subllm_250m.py' and 'stdlib' in train['data']
@@ -84,11 +87,12 @@ def test_the_gpu_size_commands_are_accepted_by_their_scripts(tmp_path):
     assert listed.returncode == 0, listed.stderr
     plan = json.loads(listed.stdout)
     assert plan['env']['equivalence'] == {'SUBLLM_TEST_DEVICE': 'cuda', 'SUBLLM_TEST_DTYPE': 'bfloat16'}
-    (prepare, train), (bench, compiled) = plan['commands']['train'], plan['commands']['bench']
+    (prepare, train), (bench, compiled, decode) = plan['commands']['train'], plan['commands']['bench']
     assert '--max_iters=150' in train and 'config/gpu_subllm_250m.py' in train
-    assert '--preset=1300m' in bench and '--seq_lens=2048,4096' in bench and '--decode_batch=8' in bench
+    assert {'--preset=1300m', '--seq_lens=2048', '--decode_batch=8', '--decode_batch_large=64'} <= set(bench)
     assert {'--preset=1300m', '--seq_lens=4096', '--modes=train', '--compile=True'} <= set(compiled)
-    for cmd in (prepare, train, bench, compiled):
+    assert {'--preset=1300m', '--modes=decode', '--decode_batch_large=64', '--compile=True'} <= set(decode)
+    for cmd in (prepare, train, bench, compiled, decode):
         done = subprocess.run(cmd + ['--help'], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and not done.stderr.strip(), (cmd, done.stderr)
     (pytest_cmd,) = plan['commands']['equivalence']
