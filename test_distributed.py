@@ -3,7 +3,7 @@ Tests of train.py over several processes (distributed.py, run_dir.py): FSDP (--f
 checkpoints that resume exactly and reshard to another number of processes, a launch over two "nodes", and the
 training loop's arithmetic (gradient accumulation, the learning-rate schedule) in one process, under DDP and under
 FSDP alike. The processes run under torchrun with gloo on the CPU; a world of one runs in this process. A torchrun
-launch costs seconds, so the tests share a few of them: the module's `runs` (one of each kind, 20 iterations) are
+launch costs seconds, so the tests share a few of them: the module's `runs` (one of each kind, 12 iterations) are
 recorded by RECORDER and checked from several sides.
 """
 import contextlib
@@ -26,16 +26,16 @@ from run_dir import load_checkpoint
 from test_train import TRAIN, env1, make_data, read_log, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# a SUBLLM with two nested levels, 4 micro-steps per iteration over all processes; warmup for 5 iterations, cosine
-# down to min_lr at 15, then min_lr
+# a SUBLLM with two nested levels, 4 micro-steps per iteration over all processes; warmup for 3 iterations, cosine
+# down to min_lr at 8, then min_lr
 FLAGS = ['--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=2', '--structure=TT(T(T)T)', '--device=cpu',
-         '--compile=False', '--max_iters=20', '--eval_interval=5', '--eval_iters=1', '--log_interval=1',
-         '--gradient_accumulation_steps=4', '--learning_rate=1e-3', '--min_lr=1e-4', '--warmup_iters=5',
-         '--lr_decay_iters=15']
-# the schedule of FLAGS, written out: (it + 1) / 6 of the peak while warming up, the cosine from the peak at 5 to the
-# floor at 15, the floor after
-LRS = ([1e-3 * (it + 1) / 6 for it in range(5)] +
-       [1e-4 + 0.5 * (1 + math.cos(math.pi * (it - 5) / 10)) * 9e-4 for it in range(5, 15)] + [1e-4] * 5)
+         '--compile=False', '--max_iters=12', '--eval_interval=4', '--eval_iters=1', '--log_interval=1',
+         '--gradient_accumulation_steps=4', '--learning_rate=1e-3', '--min_lr=1e-4', '--warmup_iters=3',
+         '--lr_decay_iters=8']
+# the schedule of FLAGS, written out: (it + 1) / 4 of the peak while warming up, the cosine from the peak at 3 to the
+# floor at 8, the floor after
+LRS = ([1e-3 * (it + 1) / 4 for it in range(3)] +
+       [1e-4 + 0.5 * (1 + math.cos(math.pi * (it - 3) / 5)) * 9e-4 for it in range(3, 8)] + [1e-4] * 4)
 
 # train.py, recording on each rank: the training losses, the learning rate of each optimizer step, iteration 0's
 # crops, weights (in full), random state and gradients (reduced over the ranks, before clipping, in full), the bytes
@@ -167,10 +167,10 @@ def tmp(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def runs(tmp):
-    """The same 20 iterations: in one process, with FSDP in a world of one (both here), over 2 processes with DDP,
-    on two "nodes" (two torchruns of one process each, as on two machines), and with FSDP in one torchrun."""
-    return {'single': launch(tmp, 'single', nproc=0), 'fsdp1': launch(tmp, 'fsdp1', '--fsdp=True', nproc=0),
-            'ddp': launch(tmp, 'ddp', nodes=2), 'fsdp': launch(tmp, 'fsdp', '--fsdp=True')}
+    """The same 12 iterations: in one process (here), over 2 processes with DDP on two "nodes" (two torchruns of one
+    process each, as on two machines), and with FSDP in one torchrun."""
+    return {'single': launch(tmp, 'single', nproc=0), 'ddp': launch(tmp, 'ddp', nodes=2),
+            'fsdp': launch(tmp, 'fsdp', '--fsdp=True')}
 
 
 def without_time(out):
@@ -198,25 +198,19 @@ def eval_numbers(out):
 
 
 def test_fsdp_trains_as_ddp_to_1e_5_and_ends_with_the_same_weights(runs):
-    """2 processes, the same settings (DDP on two "nodes"): the loss of every micro-step of the 20 iterations on both
+    """2 processes, the same settings (DDP on two "nodes"): the loss of every micro-step of the 12 iterations on both
     ranks, every eval and the final weights agree to 1e-5 (measured: they are equal; docs/distributed.md). Each rank
     keeps its own running cut (score_offset) under both: a broadcast or sharded cut, or shards of different initial
     weights, would not."""
     ddp, fsdp = runs['ddp'], runs['fsdp']
     assert 'saving checkpoint to' in fsdp.stdout and os.path.isdir(fsdp.out / 'ckpt.dcp')
     for rank in (0, 1):
-        assert len(fsdp.record[rank]['losses']) == 20 * 2
+        assert len(fsdp.record[rank]['losses']) == 12 * 2
         assert max_diff(ddp.record[rank]['losses'], fsdp.record[rank]['losses']) < 1e-5
     assert ddp.record[0]['losses'] != ddp.record[1]['losses']  # each rank trains on its own crops
-    assert [r['iter'] for r in read_log(fsdp.out)] == [0, 5, 10, 15, 20]
+    assert [r['iter'] for r in read_log(fsdp.out)] == [0, 4, 8, 12]
     assert max_diff(eval_numbers(ddp.out), eval_numbers(fsdp.out)) < 1e-5
     assert max_diff(weights(ddp.out), weights(fsdp.out)) < 1e-5
-
-
-def test_fsdp_in_one_process_trains_exactly_as_without_it(runs):
-    assert without_time(runs['single'].out) == without_time(runs['fsdp1'].out)
-    assert runs['single'].record[0]['losses'] == runs['fsdp1'].record[0]['losses']
-    assert max_diff(weights(runs['single'].out), weights(runs['fsdp1'].out)) == 0
 
 
 def reference_gradients(run):
@@ -229,7 +223,7 @@ def reference_gradients(run):
         for record in run.record:
             model = SubLLM(SubLLMConfig(**model_args))
             model.load_state_dict(run.record[0]['weights0'])
-            model.set_step(0, 20)
+            model.set_step(0, 12)
             torch.set_rng_state(record['rng0'])
             for x, y in record['crops']:
                 (model(x, y)[1] / len(record['crops'])).backward()
@@ -238,7 +232,7 @@ def reference_gradients(run):
     return [g / len(run.record) for g in total]
 
 
-@pytest.mark.parametrize('kind', ['single', 'fsdp1', 'ddp', 'fsdp'])
+@pytest.mark.parametrize('kind', ['single', 'ddp', 'fsdp'])
 def test_an_iterations_gradient_is_the_mean_over_every_micro_step_of_every_rank(runs, kind):
     """Before clipping, with 4 micro-steps per iteration (4 in one process, 2 on each of 2): a loss not divided by
     the micro-steps makes it 4x or 2x too large (AdamW's scale invariance and the clip hide that from the losses); a
@@ -252,14 +246,14 @@ def test_an_iterations_gradient_is_the_mean_over_every_micro_step_of_every_rank(
     assert all(torch.equal(g, h) for g, h in zip(recorded, run.record[-1]['grads0']))  # every rank steps with it
 
 
-@pytest.mark.parametrize('kind', ['single', 'fsdp1', 'ddp', 'fsdp'])
+@pytest.mark.parametrize('kind', ['single', 'ddp', 'fsdp'])
 def test_the_learning_rate_warms_up_then_follows_the_cosine_to_its_floor(runs, kind):
     """The rate AdamW steps with, and the one log.jsonl says, at every iteration: a warmup that is skipped (the peak
     from iteration 0), a schedule that is off by one or that never reaches min_lr fails."""
     for record in runs[kind].record:
         assert record['lrs'] == pytest.approx(LRS, rel=1e-9)
-    assert LRS[0] == pytest.approx(1e-3 / 6) and LRS[5] == 1e-3 and LRS[10] == pytest.approx(5.5e-4)
-    assert [r['lr'] for r in read_log(runs[kind].out)] == pytest.approx(LRS[::5] + [1e-4], rel=1e-9)
+    assert LRS[0] == pytest.approx(1e-3 / 4) and LRS[3] == 1e-3 and LRS[8] == 1e-4 and len(LRS) == 12
+    assert [r['lr'] for r in read_log(runs[kind].out)] == pytest.approx(LRS[::4] + [1e-4], rel=1e-9)
 
 
 def printed_state_mb(stdout):
@@ -271,7 +265,7 @@ def test_each_fsdp_rank_holds_half_the_state_and_says_so(runs):
     """The line train.py prints at the start is what each rank holds after the first step (weights, gradients and
     AdamW's moments; measured), the whole of it in one process or under DDP, about half under FSDP at 2."""
     whole = runs['single'].record[0]['state_bytes']
-    for kind in ('single', 'fsdp1', 'ddp'):
+    for kind in ('single', 'ddp'):
         assert [r['state_bytes'] for r in runs[kind].record] == [whole] * len(runs[kind].record)
         assert printed_state_mb(runs[kind].stdout) == pytest.approx(whole / 1e6, abs=0.006)
     shards = [r['state_bytes'] for r in runs['fsdp'].record]
@@ -282,22 +276,22 @@ def test_each_fsdp_rank_holds_half_the_state_and_says_so(runs):
 
 def test_fsdp_on_two_nodes_preempted_on_one_resumes_exactly_in_one_torchrun(runs, tmp):
     """Two torchruns of one process each, as on two machines (c10d rendezvous on localhost; runs['ddp'] trained so
-    too), with FSDP: rank 1 alone gets SLURM's SIGUSR1 at iteration 7; both ranks finish it, save their shards at iter
-    8 and exit 0. Resumed by one torchrun of 2 processes, the run ends exactly as the one that was never stopped:
+    too), with FSDP: rank 1 alone gets SLURM's SIGUSR1 at iteration 5; both ranks finish it, save their shards at iter
+    6 and exit 0. Resumed by one torchrun of 2 processes, the run ends exactly as the one that was never stopped:
     every eval, every loss after the resume, the final weights."""
     name = 'nodes-fsdp'
-    stopped = launch(tmp, name, '--fsdp=True', nodes=2, env=dict(STOP_AT='7', STOP_RANK='1'))
-    assert 'stopped by a signal to another rank at iter 8' in stopped.stdout
+    stopped = launch(tmp, name, '--fsdp=True', nodes=2, env=dict(STOP_AT='5', STOP_RANK='1'))
+    assert 'stopped by a signal to another rank at iter 6' in stopped.stdout
     checkpoint, path = load_checkpoint(tmp / name, ('model', 'rng', 'preempted'))
     assert path == str(tmp / name / 'ckpt.dcp') and sorted(os.listdir(path)) == [
         '.metadata', '__0_0.distcp', '__1_0.distcp', 'run.pt']
-    assert checkpoint['iter_num'] == 8 and checkpoint['preempted'] == 'a signal to another rank'
-    assert len(checkpoint['rng']) == 2 and [r['iter'] for r in read_log(tmp / name)] == [0, 5]
+    assert checkpoint['iter_num'] == 6 and checkpoint['preempted'] == 'a signal to another rank'
+    assert len(checkpoint['rng']) == 2 and [r['iter'] for r in read_log(tmp / name)] == [0, 4]
     assert sorted(os.listdir(tmp / name)) == ['ckpt.dcp', 'ckpt_prev.dcp', 'log.jsonl']
     resumed = launch(tmp, name, '--fsdp=True', '--init_from=resume', record=f'{name}.resumed')
     assert without_time(tmp / name) == without_time(runs['fsdp'].out)
-    for rank in (0, 1):  # the micro-steps of iterations 8 to 19, exactly
-        assert resumed.record[rank]['losses'] == runs['fsdp'].record[rank]['losses'][8 * 2:]
+    for rank in (0, 1):  # the micro-steps of iterations 6 to 11, exactly
+        assert resumed.record[rank]['losses'] == runs['fsdp'].record[rank]['losses'][6 * 2:]
     assert max_diff(weights(tmp / name), weights(runs['fsdp'].out)) == 0
 
 
@@ -309,16 +303,16 @@ def consolidated(out):
 
 
 def test_a_sharded_checkpoint_of_2_processes_resumes_at_4_and_at_1_with_its_weights_and_optimizer_state(runs, tmp):
-    """The FSDP run's checkpoint (iter 20, saved by 2 processes) resumes resharded: each of 4 processes, or the one,
+    """The FSDP run's checkpoint (iter 12, saved by 2 processes) resumes resharded: each of 4 processes, or the one,
     reads the rows it holds now, and in full they are the saved weights and AdamW state, exactly. The random states
-    of 2 processes do not fit 4 or 1: reseeded, and said. Each run trains on to iter 22 and saves its own checkpoint,
+    of 2 processes do not fit 4 or 1: reseeded, and said. Each run trains on to iter 13 and saves its own checkpoint,
     each of its ranks holding about 1/4 (or all) of the state."""
     saved = consolidated(runs['fsdp'].out)
     assert max_diff(weights(runs['fsdp'].out), saved['model']) == 0  # run_dir's consolidation (sample.py & co)
     whole = runs['single'].record[0]['state_bytes']
     for n in (4, 1):
         shutil.copytree(runs['fsdp'].out, tmp / f'reshard{n}')
-        run = launch(tmp, f'reshard{n}', '--fsdp=True', '--init_from=resume', '--max_iters=22', nproc=n if n > 1 else 0)
+        run = launch(tmp, f'reshard{n}', '--fsdp=True', '--init_from=resume', '--max_iters=13', nproc=n if n > 1 else 0)
         model, optimizer = run.record[0]['loaded']
         assert max_diff(model, saved['model']) == 0
         assert optimizer['state'].keys() == saved['optimizer']['state'].keys()
@@ -326,17 +320,17 @@ def test_a_sharded_checkpoint_of_2_processes_resumes_at_4_and_at_1_with_its_weig
             assert max_diff(optimizer['state'][param], state) == 0
         assert (f"the checkpoint has random states for 2 processes, this run has {n}: the weights and optimizer "
                 f"state are the checkpoint's") in run.stdout
-        assert [r['iter'] for r in read_log(tmp / f'reshard{n}')] == [0, 5, 10, 15, 20, 22]
-        assert load_checkpoint(tmp / f'reshard{n}')[0]['iter_num'] == 22
+        assert [r['iter'] for r in read_log(tmp / f'reshard{n}')] == [0, 4, 8, 12, 13]
+        assert load_checkpoint(tmp / f'reshard{n}')[0]['iter_num'] == 13
         assert len(os.listdir(tmp / f'reshard{n}' / 'ckpt.dcp')) == n + 2  # a file per rank, .metadata, run.pt
         assert all(abs(r['state_bytes'] / whole - 1 / n) < 0.05 for r in run.record)
         assert printed_state_mb(run.stdout) == pytest.approx(run.record[0]['state_bytes'] / 1e6, abs=0.006)
 
 
-def test_fsdp_in_one_process_with_a_recurrent_block_trains_exactly_as_without_it(monkeypatch, tmp):
-    """The block inside a recurrent block is a unit of its own that runs once per window in a forward: FSDP must
-    gather it for each run and reduce its gradient once, after all of them (a reduction after the first would lose
-    the others' gradients)."""
+def test_fsdp_in_one_process_trains_exactly_as_without_it_also_with_a_recurrent_block(monkeypatch, tmp):
+    """python train.py --fsdp=True: a world of one, the same numbers as without FSDP, bit for bit. The block inside a
+    recurrent block is a unit of its own that runs once per window in a forward: FSDP must gather it for each run
+    and reduce its gradient once, after all of them (a reduction after the first would lose the others')."""
     flags = [*FLAGS, f'--data_dir={tmp / "data"}', '--dataset=tiny', '--structure=TR(T(T)T)', '--max_iters=6']
     for name, fsdp in (('rec', 'False'), ('rec-fsdp', 'True')):
         train(monkeypatch, *flags, f'--fsdp={fsdp}', f'--out_dir={tmp / name}')
@@ -348,26 +342,26 @@ def test_a_damaged_sharded_checkpoint_falls_back_to_the_one_before_and_a_half_wr
         monkeypatch, runs, tmp):
     """A shard file cut short (a crash or a full disk while it was copied): load_checkpoint says so and reads
     ckpt_prev.dcp/; what a crash left of a save (ckpt.dcp.tmp/) is never read, and the resumed run deletes it. The
-    run goes on from iter 15 and leaves ckpt.dcp/ and ckpt_prev.dcp/ of its last two saves, nothing else."""
+    run (here in one process) goes on from iter 8 and leaves ckpt.dcp/ and ckpt_prev.dcp/ of its last two saves,
+    nothing else."""
     out = tmp / 'damaged'
-    shutil.copytree(runs['fsdp1'].out, out)
+    shutil.copytree(runs['fsdp'].out, out)
     shard = out / 'ckpt.dcp' / '__0_0.distcp'
     os.truncate(shard, shard.stat().st_size // 2)
     (out / 'ckpt.dcp.tmp').mkdir()
     (out / 'ckpt.dcp.tmp' / '__0_0.distcp').write_bytes(b'half a shard')
     said = []
     checkpoint, path = load_checkpoint(out, say=said.append)
-    assert path == str(out / 'ckpt_prev.dcp') and checkpoint['iter_num'] == 15
+    assert path == str(out / 'ckpt_prev.dcp') and checkpoint['iter_num'] == 8
     assert said == [f"{out}/ckpt.dcp cannot be read (ValueError: __0_0.distcp is cut short): using {path} instead, "
-                    f"the checkpoint before it (iter 15)"]
+                    f"the checkpoint before it (iter 8)"]
     train(monkeypatch, *FLAGS, f'--data_dir={tmp / "data"}', '--dataset=tiny', '--fsdp=True', '--init_from=resume',
-          '--max_iters=22', f'--out_dir={out}')
-    assert [r['iter'] for r in read_log(out)] == [0, 5, 10, 15, 20, 22]
+          '--max_iters=13', f'--out_dir={out}')
+    assert [r['iter'] for r in read_log(out)] == [0, 4, 8, 12, 13]
     assert sorted(os.listdir(out)) == ['ckpt.dcp', 'ckpt_prev.dcp', 'log.jsonl']  # no temp directory, no lock
-    assert load_checkpoint(out)[0]['iter_num'] == 22
-    assert load_checkpoint(out / 'ckpt.dcp' / '..', ('model',))[0]['iter_num'] == 22
+    assert load_checkpoint(out)[0]['iter_num'] == 13
     os.rename(out / 'ckpt.dcp', out / 'ckpt.dcp.moved')
-    assert load_checkpoint(out, say=said.append)[0]['iter_num'] == 20 and said[-1].startswith(f"no {out}/ckpt.dcp:")
+    assert load_checkpoint(out, say=said.append)[0]['iter_num'] == 12 and said[-1].startswith(f"no {out}/ckpt.dcp:")
 
 
 @pytest.mark.parametrize('args, message', [
