@@ -119,10 +119,33 @@ class Run:
         self.out, self.stdout, self.record = out, stdout, records
 
 
-def launch(tmp, name, *args, nproc=2, nodes=1, env=None, record=None):
+# stand-ins for SLURM's srun (it starts its command once per node, train.py replaced by RECORDER) and scontrol (the
+# job's nodes are all this machine), so that slurm/train.sbatch runs here as sbatch would run it on SLURM_NNODES nodes
+SRUN = r'''import os, subprocess, sys
+torchrun, *args = sys.argv[1:]
+assert torchrun == 'torchrun'
+cmd = [sys.executable, '-m', 'torch.distributed.run'] + [os.environ['RECORDER'] if a == 'train.py' else a for a in args]
+nodes = [subprocess.Popen(cmd, env=dict(os.environ, SLURM_NODEID=str(i))) for i in range(int(os.environ['SLURM_NNODES']))]
+sys.exit(max(node.wait() for node in nodes))
+'''
+
+
+def slurm_job(tmp, nodes, script):
+    """The environment in which `bash slurm/train.sbatch` runs a job of `nodes` nodes of one process each here."""
+    (tmp / 'bin').mkdir(exist_ok=True)
+    (tmp / 'bin' / 'srun').write_text(f"#!{sys.executable}\n{SRUN}")
+    (tmp / 'bin' / 'scontrol').write_text("#!/bin/sh\necho localhost\n")
+    for stand_in in ('srun', 'scontrol'):
+        (tmp / 'bin' / stand_in).chmod(0o755)
+    return dict(PATH=f"{tmp / 'bin'}:{os.environ['PATH']}", RECORDER=str(script), SLURM_NNODES=str(nodes),
+                SLURM_JOB_NODELIST='node[1-2]', SLURM_JOB_ID='4242', GPUS_PER_NODE='1', MASTER_PORT=str(free_port()))
+
+
+def launch(tmp, name, *args, nproc=2, nodes=1, slurm=False, env=None, record=None):
     """train.py with FLAGS and args through RECORDER, into out_dir tmp/name, recorded into tmp/<record or name>.record:
     torchrun --standalone with nproc processes, or `nodes` torchruns of one process each that meet in a c10d
-    rendezvous on localhost (two "nodes"), or nproc=0: in this process (--fsdp=True makes a world of one)."""
+    rendezvous on localhost (two "nodes"), started by slurm/train.sbatch if slurm, or nproc=0: in this process
+    (--fsdp=True makes a world of one)."""
     out, record_dir = tmp / name, tmp / f'{record or name}.record'
     record_dir.mkdir()
     script = tmp / 'recorder.py'
@@ -142,14 +165,17 @@ def launch(tmp, name, *args, nproc=2, nodes=1, env=None, record=None):
             finally:
                 torch.set_num_threads(threads)
         return Run(out, stdout.getvalue(), [torch.load(record_dir / 'rank0.pt', weights_only=False)])
-    if nodes == 1:
+    if slurm:
+        torchrun = [['bash', os.path.join(HERE, 'slurm', 'train.sbatch')]]
+        env.update(slurm_job(tmp, nodes, script))
+    elif nodes == 1:
         torchrun = [[sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']]
     else:
         rendezvous = ['--rdzv_backend=c10d', f'--rdzv_endpoint=localhost:{free_port()}', f'--rdzv_id={name}']
         torchrun = [[sys.executable, '-m', 'torch.distributed.run', f'--nnodes={nodes}', '--nproc_per_node=1',
                      *rendezvous]] * nodes
-    procs = [subprocess.Popen([*cmd, str(script), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env, cwd=tmp) for cmd in torchrun]
+    procs = [subprocess.Popen([*cmd, *([] if slurm else [str(script)]), *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp) for cmd in torchrun]
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr[-3000:]
@@ -168,8 +194,8 @@ def tmp(tmp_path_factory):
 @pytest.fixture(scope='module')
 def runs(tmp):
     """The same 12 iterations: in one process (here), over 2 processes with DDP on two "nodes" (two torchruns of one
-    process each, as on two machines), and with FSDP in one torchrun."""
-    return {'single': launch(tmp, 'single', nproc=0), 'ddp': launch(tmp, 'ddp', nodes=2),
+    process each, as on two machines) started by slurm/train.sbatch, and with FSDP in one torchrun."""
+    return {'single': launch(tmp, 'single', nproc=0), 'ddp': launch(tmp, 'ddp', nodes=2, slurm=True),
             'fsdp': launch(tmp, 'fsdp', '--fsdp=True')}
 
 
@@ -198,7 +224,7 @@ def eval_numbers(out):
 
 
 def test_fsdp_trains_as_ddp_to_1e_5_and_ends_with_the_same_weights(runs):
-    """2 processes, the same settings (DDP on two "nodes"): the loss of every micro-step of the 12 iterations on both
+    """2 processes, the same settings (DDP on two "nodes", through slurm/train.sbatch): the loss of every micro-step of the 12 iterations on both
     ranks, every eval and the final weights agree to 1e-5 (measured: they are equal; docs/distributed.md). Each rank
     keeps its own running cut (score_offset) under both: a broadcast or sharded cut, or shards of different initial
     weights, would not."""

@@ -208,7 +208,8 @@ else:
         model = SubLLM(SubLLMConfig(**model_args))
     except (TypeError, ValueError) as e:
         raise SystemExit(f"bad model settings: {e}") from None
-torch.manual_seed(seed + ddp_rank)  # dropout: each rank its own
+if ddp_rank:  # dropout, the Balancer's coin flips: each rank its own (rank 0 goes on from seed, as one process does)
+    torch.manual_seed(seed + ddp_rank)
 vocab_size = model.config.vocab_size
 if meta['vocab_size'] > vocab_size:  # (a model from scratch always fits)
     raise SystemExit(f"the data's vocab ({meta['vocab_size']}) is larger than the model's ({vocab_size}): "
@@ -344,9 +345,10 @@ def save_checkpoint(save=True, **extra):
     rng_states = ranks.gather(rng_state(train_gen, device_type == 'cuda', levels))  # each rank resumes exactly
     if not ranks.from_master(save):
         return None
-    return run.save({'scaler': scaler.state_dict(), 'model_args': asdict(raw_model.config), 'iter_num': iter_num,
-                     'best_val_loss': best_val_loss, 'config': config, 'meta': meta, 'rng': rng_states,
-                     'train_seconds': train_seconds, 'flops': flops_spent, **extra}, raw_model, optimizer, master_process)
+    state = {'scaler': scaler.state_dict(), 'model_args': asdict(raw_model.config), 'iter_num': iter_num,
+             'best_val_loss': best_val_loss, 'config': config, 'meta': meta, 'rng': rng_states,
+             'train_seconds': train_seconds, 'flops': flops_spent, **extra}  # and the model's and optimizer's
+    return run.save(state, raw_model, optimizer, master_process)
 
 
 # logging: a resumed run keeps the log's records up to its checkpoint; a new run starts an empty log
