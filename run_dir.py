@@ -265,8 +265,9 @@ def restore(checkpoint, path, model, optimizer, scaler, rank, world_size, batche
             optimizer.load_state_dict(checkpoint['optimizer'])
         scaler.load_state_dict(checkpoint['scaler'])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise SystemExit(f"the optimizer state in {path} does not fit this model ({first_line(e)}): was it saved by "
-                         f"another version of train.py?") from None
+        what = 'optimizer state' if checkpoint['optimizer'] is not None else 'optimizer state or weights'
+        raise SystemExit(f"the {what} in {path} does not fit this model ({first_line(e)}): was it saved by another "
+                         f"version of train.py?") from None
     if len(checkpoint['rng']) == world_size:
         set_rng_state(checkpoint['rng'][rank], batches, cuda, levels)
     else:
@@ -284,7 +285,8 @@ def restore(checkpoint, path, model, optimizer, scaler, rank, world_size, batche
 # the run's own out_dir: lock, checkpoints, log
 
 class RunDir:
-    """The out_dir of a training run. Only rank 0 of a DDP run claims it, saves and logs; every rank loads."""
+    """The out_dir of a training run. Only rank 0 of a DDP run claims it, saves and logs; every rank loads (and under
+    FSDP every rank saves its shards)."""
 
     def __init__(self, out_dir, wandb_init=None, sharded=False):
         """wandb_init: wandb.init's arguments, to send log()'s records to Weights & Biases too (None: not). sharded:

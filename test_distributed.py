@@ -27,18 +27,19 @@ from test_train import TRAIN, env1, make_data, read_log, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # a SUBLLM with two nested levels, 4 micro-steps per iteration over all processes; warmup for 3 iterations, cosine
-# down to min_lr at 8, then min_lr
+# down to min_lr at 8, then min_lr; the gradient's norm is ~0.5: clipped at every step
 FLAGS = ['--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=2', '--structure=TT(T(T)T)', '--device=cpu',
          '--compile=False', '--max_iters=12', '--eval_interval=4', '--eval_iters=1', '--log_interval=1',
          '--gradient_accumulation_steps=4', '--learning_rate=1e-3', '--min_lr=1e-4', '--warmup_iters=3',
-         '--lr_decay_iters=8']
+         '--lr_decay_iters=8', '--grad_clip=0.3']
 # the schedule of FLAGS, written out: (it + 1) / 4 of the peak while warming up, the cosine from the peak at 3 to the
 # floor at 8, the floor after
 LRS = ([1e-3 * (it + 1) / 4 for it in range(3)] +
        [1e-4 + 0.5 * (1 + math.cos(math.pi * (it - 3) / 5)) * 9e-4 for it in range(3, 8)] + [1e-4] * 4)
 
 # train.py, recording on each rank: the training losses, the learning rate of each optimizer step, iteration 0's
-# crops, weights (in full), random state and gradients (reduced over the ranks, before clipping, in full), the bytes
+# crops, weights (in full), random state, gradients (reduced over the ranks, before clipping, in full) and the norm
+# that clip_grad_norm_ clipped them by, the bytes
 # of state the rank holds after the first step, and after a resume the state it resumed from (in full). With STOP_AT
 # and STOP_RANK, that rank sends itself SIGUSR1 (a preemption) at the start of that iteration.
 RECORDER = r'''
@@ -72,9 +73,11 @@ def recording_forward(self, idx, targets=None):
 
 def recording_clip(parameters, max_norm, *args, **kwargs):
     parameters = list(parameters)
-    if 'grads0' not in record:
-        record['grads0'] = [whole(p.grad) for p in parameters]
-    return clip(parameters, max_norm, *args, **kwargs)
+    grads = None if 'grads0' in record else [whole(p.grad) for p in parameters]
+    norm = clip(parameters, max_norm, *args, **kwargs)
+    if grads is not None:
+        record.update(grads0=grads, norm0=whole(norm))
+    return norm
 
 def recording_restore(checkpoint, path, model, optimizer, *args, **kwargs):
     resumed_at = restore(checkpoint, path, model, optimizer, *args, **kwargs)
@@ -125,7 +128,8 @@ SRUN = r'''import os, subprocess, sys
 torchrun, *args = sys.argv[1:]
 assert torchrun == 'torchrun'
 cmd = [sys.executable, '-m', 'torch.distributed.run'] + [os.environ['RECORDER'] if a == 'train.py' else a for a in args]
-nodes = [subprocess.Popen(cmd, env=dict(os.environ, SLURM_NODEID=str(i))) for i in range(int(os.environ['SLURM_NNODES']))]
+nodes = [subprocess.Popen(cmd, env=dict(os.environ, SLURM_NODEID=str(node)))
+         for node in range(int(os.environ['SLURM_NNODES']))]
 sys.exit(max(node.wait() for node in nodes))
 '''
 
@@ -224,10 +228,11 @@ def eval_numbers(out):
 
 
 def test_fsdp_trains_as_ddp_to_1e_5_and_ends_with_the_same_weights(runs):
-    """2 processes, the same settings (DDP on two "nodes", through slurm/train.sbatch): the loss of every micro-step of the 12 iterations on both
-    ranks, every eval and the final weights agree to 1e-5 (measured: they are equal; docs/distributed.md). Each rank
-    keeps its own running cut (score_offset) under both: a broadcast or sharded cut, or shards of different initial
-    weights, would not."""
+    """2 processes, the same settings (DDP on two "nodes", through slurm/train.sbatch): the loss of every micro-step of
+    the 12 iterations on both ranks, every eval and the final weights agree to 1e-5 (measured: 1e-7, the clip's norm
+    of sharded gradients adds in another order; docs/distributed.md). Each rank keeps its own running cut
+    (score_offset) under both: a broadcast or sharded cut, shards of different initial weights, or a clip by one
+    rank's part of the gradient would not."""
     ddp, fsdp = runs['ddp'], runs['fsdp']
     assert 'saving checkpoint to' in fsdp.stdout and os.path.isdir(fsdp.out / 'ckpt.dcp')
     for rank in (0, 1):
@@ -270,6 +275,9 @@ def test_an_iterations_gradient_is_the_mean_over_every_micro_step_of_every_rank(
     for g, r in zip(recorded, reference):
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-7), (g.norm(), r.norm())
     assert all(torch.equal(g, h) for g, h in zip(recorded, run.record[-1]['grads0']))  # every rank steps with it
+    # clipped by the norm of the whole gradient (under FSDP: of every rank's shards), not of this rank's part
+    total = torch.cat([g.flatten() for g in recorded]).double().norm().item()
+    assert all(r['norm0'].item() == pytest.approx(total, rel=1e-4) for r in run.record) and total > 0.3
 
 
 @pytest.mark.parametrize('kind', ['single', 'ddp', 'fsdp'])
