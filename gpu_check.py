@@ -30,6 +30,11 @@ then prints a summary and writes every number to --out (JSON) and each stage's w
                0.985x), on the same stdlib bytes (vocab 256), tokens, seed and schedule, one after the other in
                half the budget each: both val losses at the last eval both reached, their FLOPs and tokens/s.
                Estimated ~2 min each on an H200 (1500 iterations of 32 x 1024 tokens, compiled; not measured).
+  fsdp         (not in the default stages either: `--stages=fsdp`, or add it to the list) train.py --fsdp=True on one
+               GPU under torchrun (a world of one: NCCL, the bf16 MixedPrecisionPolicy, each block compiled before it
+               is sharded), a small SUBLLM for 20 iterations with sharded checkpoints (ckpt.dcp/), then resumed from
+               them for 5 more, eager: the losses, the evals, the per-rank state line. Estimated ~1.5 min (mostly
+               compilation; not measured). docs/distributed.md.
 
     python gpu_check.py                      # on a GPU: about 7-8 minutes (the estimate below)
     python gpu_check.py --stages=duel --out=duel.json   # the quality duel alone, within the same budget
@@ -90,8 +95,9 @@ configure(globals())  # --key=value (configurator.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
-STAGES = ('equivalence', 'bench', 'train', 'duel')
-MIN_S = {'equivalence': 30, 'bench': 120, 'train': 150, 'duel': 240}  # seconds kept back for a later stage (cpu: a tenth)
+STAGES = ('equivalence', 'bench', 'train', 'duel', 'fsdp')
+# seconds kept back for a later stage (cpu: a tenth)
+MIN_S = {'equivalence': 30, 'bench': 120, 'train': 150, 'duel': 240, 'fsdp': 90}
 CONFIG = 'config/gpu_subllm_250m.py'
 GPT2_VOCAB = 50257
 
@@ -345,6 +351,50 @@ def duel(timeout, work):
 
 
 # -----------------------------------------------------------------------------
+# FSDP on one GPU: train.py --fsdp=True under torchrun (NCCL, mixed precision by policy, compiled blocks), its sharded
+# checkpoints and a resume from them
+
+
+FSDP_EVALS = [0, 10, 20, 25] if gpu else [0, 2, 4, 6]  # trained to the third eval, resumed to the fourth
+
+
+def fsdp_cmds(work):
+    """torchrun with one process on the GPU; at CPU size train.py alone, which makes its own world of one."""
+    cmd = [PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1'] if gpu else [PY]
+    cmd += ['train.py', '--fsdp=True', f"--data_dir={os.path.join(work, 'fsdp-data')}", '--dataset=stdlib',
+            f"--out_dir={os.path.join(work, 'fsdp')}", '--structure=TT(TT(TT)TT)TT', f'--eval_interval={FSDP_EVALS[1]}',
+            '--eval_iters=2', '--log_interval=5', '--warmup_iters=2', '--gradient_accumulation_steps=2']
+    size = ['--n_embd=256', '--n_head=4', '--block_size=1024', '--batch_size=8'] if gpu else [
+        '--n_embd=32', '--n_head=2', '--block_size=64', '--batch_size=4', '--device=cpu']
+    return [cmd + size + [f'--max_iters={FSDP_EVALS[2]}', f'--compile={gpu}'],
+            cmd + size + [f'--max_iters={FSDP_EVALS[3]}', '--compile=False', '--init_from=resume']]
+
+
+def fsdp(timeout, work):
+    t0 = time.time()
+    data = make_data(os.path.join(work, 'fsdp-data'), min(timeout, 120), 'fsdp')
+    rcs = []
+    for cmd in fsdp_cmds(work):
+        rc, _ = run(cmd, 'fsdp', timeout - (time.time() - t0))
+        rcs.append(rc)
+        if rc != 0:
+            break
+    text = open(log_path('fsdp'), errors='replace').read()
+    state = re.search(r"^per-rank model \+ optimizer state: ([\d.]+) MB", text, re.M)
+    log = os.path.join(work, 'fsdp', 'log.jsonl')
+    evals = [json.loads(line) for line in open(log) if line.strip()] if os.path.exists(log) else []
+    finite = bool(evals) and all(math.isfinite(e['val_loss']) for e in evals)
+    result = dict(ok=rcs == [0, 0] and finite and [e['iter'] for e in evals] == FSDP_EVALS
+                  and os.path.exists(os.path.join(work, 'fsdp', 'ckpt.dcp', 'run.pt')),
+                  seconds=time.time() - t0, command=' ; '.join(shlex.join(cmd) for cmd in fsdp_cmds(work)), data=data,
+                  state_mb=state and float(state.group(1)), evals=[[e['iter'], e['val_loss']] for e in evals])
+    if not result['ok']:
+        failed = [rc for rc in rcs if rc != 0]
+        result['error'] = failure('fsdp', failed[0]) if failed else 'missing or non-finite evals, or no ckpt.dcp/'
+    return result
+
+
+# -----------------------------------------------------------------------------
 # stage 3: bench.py, SUBLLM against its LLaMA twin
 
 
@@ -405,7 +455,7 @@ def bench(timeout, work):
 # -----------------------------------------------------------------------------
 # the run, the summary, the JSON
 
-RUNS = {'equivalence': equivalence, 'bench': bench, 'train': train, 'duel': duel}
+RUNS = {'equivalence': equivalence, 'bench': bench, 'train': train, 'duel': duel, 'fsdp': fsdp}
 
 
 def fmt(value, spec, missing='-'):
@@ -435,6 +485,10 @@ def summary(report):
             line += ' ; '.join(f"{arm} val loss {r[arm]['val_loss']:.4f} ({r[arm]['flops'] / 1e12:.3g} TFLOPs, "
                                f"{fmt(r[arm]['tokens_per_s'], ',.0f')} tok/s)" for arm in DUEL if r.get(arm))
             line += f"; at iter {r['iter']}, gap {fmt(r.get('gap'), '+.4f')} (SUBLLM - LLaMA)"
+        elif name == 'fsdp':
+            line += ("val loss (iter) " + ' -> '.join(f"{loss:.3f} ({i})" for i, loss in r['evals'])
+                     + f", resumed from ckpt.dcp/ at {FSDP_EVALS[2]}; {fmt(r['state_mb'], '.1f')} MB of state per "
+                     f"rank")
         else:
             line += (f"{r['preset']}, {r['dtype']}, compile {r['compile']}: {len(r['rows'])} measurements")
         print(line)
@@ -484,7 +538,8 @@ def main():
         work = os.path.abspath(work_dir) if work_dir else '<work_dir>'
         commands = dict(equivalence=[equivalence_cmd(work)], train=[prepare_cmd(os.path.join(work, 'data')),
                                                                     train_cmd(work)], bench=bench_cmds(work),
-                        duel=[prepare_cmd(os.path.join(work, 'duel-data'))] + [duel_cmd(work, arm) for arm in DUEL])
+                        duel=[prepare_cmd(os.path.join(work, 'duel-data'))] + [duel_cmd(work, arm) for arm in DUEL],
+                        fsdp=[prepare_cmd(os.path.join(work, 'fsdp-data'))] + fsdp_cmds(work))
         print(json.dumps(dict(env=dict(equivalence=EQUIV_ENV),
                               commands={k: v for k, v in commands.items() if k in chosen}), indent=1))
         return 0

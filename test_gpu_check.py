@@ -159,3 +159,19 @@ def test_each_stage_gets_the_time_left_less_what_the_later_stages_keep(tmp_path,
     report = json.loads((tmp_path / 'c.json').read_text())
     assert report['seconds'] == 455 and not report['ok']
     assert [(s['ok'], s['seconds']) for s in report['stages'].values()] == [(True, 100), (False, 345), (True, 10)]
+
+
+def test_the_fsdp_stage_runs_train_py_sharded_and_resumes_it(tmp_path):
+    """--stages=fsdp at CPU size (train.py alone, a world of one, gloo, eager): 4 iterations with sharded
+    checkpoints, resumed from them for 2 more; at GPU size the same commands under torchrun, at their size and
+    compiled."""
+    result, report = gpu_check(tmp_path, '--stages=fsdp', f'--work_dir={tmp_path / "work"}')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fsdp = report['stages']['fsdp']
+    assert fsdp['ok'] and [i for i, _ in fsdp['evals']] == [0, 2, 4, 6] and fsdp['state_mb'] > 0
+    assert sorted(os.listdir(tmp_path / 'work' / 'fsdp')) == ['ckpt.dcp', 'ckpt_prev.dcp', 'log.jsonl']
+    assert 'fsdp         ok' in result.stdout
+    listed = subprocess.run([sys.executable, GPU_CHECK, '--size=gpu', '--dry_run=True', '--stages=fsdp',
+                             f'--work_dir={tmp_path}'], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
+    _, first, resumed = json.loads(listed.stdout)['commands']['fsdp']  # the CPU run's, but for size and compile
+    assert {'--fsdp=True', '--compile=True', '--nproc_per_node=1'} <= set(first) and '--init_from=resume' in resumed
