@@ -21,7 +21,9 @@ A structure with recurrent blocks ('R') is measured against the same structure w
 LLaMA twin): the recurrent model's cost per token stays flat as the sequence grows, the twin's attention does not.
 
 Inputs are random tokens. Memory is torch.cuda.max_memory_allocated on GPU and the peak RSS of the process (above
-its level before the measurement) on CPU. Every global in the first section is a --key=value flag.
+its level before the measurement) on CPU. Times are wall time on a GPU, and on a CPU the process's CPU time (one
+thread by default), which other processes on a shared machine do not stretch. Every global in the first section
+is a --key=value flag.
 """
 import ctypes
 import gc
@@ -258,6 +260,11 @@ def mem_peak(start, model):
 def sync():
     if gpu:
         torch.cuda.synchronize()
+
+
+# The timer of a measured call: on a GPU the wall clock (after a sync); on a CPU this process's CPU time, which the
+# other processes of a shared machine do not stretch (the process runs `threads` threads, one by default)
+clock = time.perf_counter if gpu else time.process_time
 
 # -----------------------------------------------------------------------------
 # one measurement: RUNS[mode](name, tokens, B, T) sets a model up and returns (call, result). call() runs one timed
@@ -499,9 +506,9 @@ def measure_pair(mode, tokens, B, T):
             for name in live if i % 2 == 0 else live[::-1]:
                 if records[name]['oom']:
                     continue
-                t0 = time.perf_counter()
+                t0 = clock()
                 if attempt(records[name], lambda: (calls[name][0](), sync())):
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(clock() - t0)
         for name, record in records.items():
             if not record['oom']:
                 out = calls[name][1](len(times[name]))
