@@ -21,7 +21,9 @@ A structure with recurrent blocks ('R') is measured against the same structure w
 LLaMA twin): the recurrent model's cost per token stays flat as the sequence grows, the twin's attention does not.
 
 Inputs are random tokens. Memory is torch.cuda.max_memory_allocated on GPU and the peak RSS of the process (above
-its level before the measurement) on CPU. Every global in the first section is a --key=value flag.
+its level before the measurement) on CPU. Times are wall time on a GPU, and on a CPU the process's CPU time (one
+thread by default), which other processes on a shared machine do not stretch. Every global in the first section
+is a --key=value flag.
 """
 import ctypes
 import gc
@@ -35,11 +37,13 @@ from dataclasses import replace
 from json import dump
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from configurator import check_ranges, configure
 from flops import forward_flops, gpu_peak_flops
-from model import SubLLM, SubLLMConfig, Level, RecurrentBlock, Stack, llama_twin
+from generate import Decoder
+from model import SubLLM, SubLLMConfig, Level, RecurrentBlock, llama_twin
 from run_dir import load_checkpoint
 
 PAPER = 'TTTTT(TTTTT(TTTT)TTTTT)TTTTT'  # 24 blocks, two nested levels (SUBLLM.md §2)
@@ -81,7 +85,8 @@ modes = 'train,prefill,decode'     # what to measure, comma separated
 warmup = 1                         # untimed iterations first (compilation, allocator, lazy optimizer state; 3 on GPU)
 iters = 3                          # timed iterations (10 on a GPU)
 dtype = 'float32'                  # 'float32' (no autocast), or autocast to 'bfloat16' (the GPU default) / 'float16'
-compile = False                    # torch.compile the train and prefill forwards (decode runs eagerly; True on GPU)
+compile = False                    # torch.compile the train and prefill forwards and the decode step (generate.py's
+                                   # segments between host reads; CUDA graphs on a GPU). True on GPU
 threads = 1                        # CPU: torch threads, 0 = torch's default (one per core). A tiny model gains
                                    # little from more, and they slow each other down badly on a busy machine
 init_from = ''                     # a train.py out_dir: its ckpt.pt gives the dims and the (trained) scorers
@@ -158,6 +163,9 @@ else:
                           keep_ratio=keep_ratio, selection=selection,
                           capacity_slack=capacity_slack, rec_window=rec_window)
     subllm = SubLLM(config)
+if compile and 'decode' in modes.split(',') and 'R' in config.structure:
+    sys.exit("bench.py: compiled decoding does not support recurrent blocks ('R'): use --modes=train,prefill with "
+             "--compile=True, or --compile=False")
 models = {'llama': SubLLM(llama_twin(config)).to(device), 'subllm': subllm.to(device)}
 label = 'recurrent' if 'R' in config.structure else 'SUBLLM'  # the model measured against its LLaMA twin
 calibrate = not init_from  # a checkpoint's scorers are trained: measure the fractions they keep
@@ -218,6 +226,13 @@ def rss_bytes(field):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ':'))
 
 
+if not gpu:  # glibc: every tensor of 64 KiB or more gets its own mapping, returned to the OS when freed. Its default
+    try:      # threshold rises as large blocks are freed, and then later tensors come from the heap, which fragments:
+        ctypes.CDLL(None).mallopt(-3, 64 * 1024)  # the second model measured peaked 16-23% higher than alone
+    except (AttributeError, OSError):  # M_MMAP_THRESHOLD = -3; not glibc: the allocator as it is
+        pass
+
+
 def mem_start():
     gc.collect()
     if gpu:
@@ -245,6 +260,11 @@ def mem_peak(start, model):
 def sync():
     if gpu:
         torch.cuda.synchronize()
+
+
+# The timer of a measured call: on a GPU the wall clock (after a sync); on a CPU this process's CPU time, which the
+# other processes of a shared machine do not stretch (the process runs `threads` threads, one by default)
+clock = time.perf_counter if gpu else time.process_time
 
 # -----------------------------------------------------------------------------
 # one measurement: RUNS[mode](name, tokens, B, T) sets a model up and returns (call, result). call() runs one timed
@@ -310,33 +330,29 @@ def run_prefill(name, tokens, B, T):
 
 
 def run_decode(name, tokens, B, T):
-    """Prefill half the length into the KV cache (here, untimed); then each call rewinds the caches to the prompt
-    and decodes decode_tokens steps of one token per row. Each step feeds the next input token rather than the
-    argmax: a random model's greedy output tends to repeat one token, which its levels would then all keep or all
-    skip; random tokens keep what the calibration set (same cost). Every call routes the same tokens the same way:
-    the first (untimed) counts the steps in which each level runs its inner blocks, for any row."""
+    """Prefill half the length into the KV caches (here, untimed); then each call rewinds the caches to the prompt
+    and decodes decode_tokens steps of one token per row (compiled with --compile=True). Each step feeds the next
+    input token rather than the argmax: a random model's greedy output tends to repeat one token, which its levels
+    would then all keep or all skip; random tokens keep what the calibration set (same cost). Every call routes the
+    same tokens the same way; the first (untimed) also runs them once eagerly, counted (count_decode)."""
     model, P, steps = models[name], T // 2, tokens_to_decode(B)
     model.eval()
     with torch.no_grad(), ctx:  # under autocast: keys and values in its dtype
-        model.setup_cache(B, P + steps)
-        model(tokens[:, :P])
-    rewind = decode_rewind(model)
-    runs = None  # level -> steps in which it ran its inner blocks, in the first call
+        decoder = Decoder(model, B, P + steps, compiled=compile)
+        decoder(tokens[:, :P])
+    rewind = decode_rewind(decoder)
+    counted = {}
 
     @torch.no_grad()
     def decode():
-        nonlocal runs
         rewind()
-        hooks = []
-        if runs is None:
-            runs = {level: 0 for level in model.levels()}
-            hooks = [level.inner.register_forward_hook(lambda stack, args, out, level=level: runs.update(
-                {level: runs[level] + 1})) for level in runs]
+        if not counted:
+            counted.update(count_decode(decoder, tokens, P, steps))
+            model.reset_level_stats()
+            rewind()
         with ctx:
             for j in range(steps):
-                model(tokens[:, P + j:P + j + 1])  # (B, 1): the next token of every row
-        for hook in hooks:
-            hook.remove()
+                decoder(tokens[:, P + j:P + j + 1])  # (B, 1): the next token of every row
 
     def result(n_calls):
         stats = model.level_stats()  # the timed calls' decoded tokens
@@ -344,31 +360,68 @@ def run_decode(name, tokens, B, T):
         inner = sum(own_blocks(level.inner) * n_kept for level, (_, _, n_kept) in zip(model.levels(), stats))
         blocks = own_blocks(model.stack) + inner / (B * steps * n_calls)
         # blocks a step runs for at least one row: the weights it reads (a step at a small batch is bound by them)
-        step_blocks = own_blocks(model.stack) + sum(own_blocks(level.inner) * runs[level]
+        step_blocks = own_blocks(model.stack) + sum(own_blocks(level.inner) * counted['runs'][level]
                                                     for level in model.levels()) / steps
         # FLOPs per decoded token: the cost model's marginal cost of tokens P+1..P+N (weights + attention over cache)
         keep = keep_fractions(stats)
         flops = (forward_flops(model, P + steps, keep) - forward_flops(model, P, keep)) / steps
-        model.setup_cache(None, None)
+        cache = decoder.cache_bytes()
+        decoder.close()
         return dict(steps=steps, tokens=B, flops=B * flops, keep=keep, blocks_per_token=blocks,
-                    blocks_per_step=step_blocks)
+                    blocks_per_step=step_blocks, ops_per_step=counted['ops'] / steps,
+                    reads_per_step=counted['reads'] / steps, cache_bytes=cache)
     return decode, result
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run under it (the kernels an eager step launches), and the reads of a number from a
+    device tensor to the host (.item(): aten._local_scalar_dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def count_decode(decoder, tokens, P, steps):
+    """The decode steps once, eagerly, counted: per level the steps in which it ran its blocks for some row; the
+    aten ops; the host reads (Decoder.route's, the only ones by design, and any .item())."""
+    model, counter = decoder.model, OpCounter()
+    runs, route, reads = {level: 0 for level in model.levels()}, decoder.route, []
+    decoder.route = lambda *args: reads.append(1) or route(*args)
+    try:
+        for j in range(steps):
+            kept = [level.stats[1].item() for level in model.levels()]
+            with torch.compiler.set_stance('force_eager'), ctx, counter:
+                decoder(tokens[:, P + j:P + j + 1])
+            for level, before in zip(model.levels(), kept):
+                runs[level] += level.stats[1].item() > before
+    finally:
+        decoder.route = route
+    return dict(runs=runs, ops=counter.ops, reads=len(reads) + counter.reads)
 
 
 def tokens_to_decode(B):
     return decode_tokens_large if decode_batch_large and B == decode_batch_large else decode_tokens
 
 
-def decode_rewind(model):
-    """A function that sets the model's decoding state back to what it is now: the cache length of each stack's
-    rows and the window state of each recurrent block. Cached keys and values past those lengths need no reset:
-    a step reads no slot past its own, which it has just written."""
-    lens = [(stack, list(stack.cache_lens)) for stack in model.modules() if isinstance(stack, Stack)]
-    states = [(block, block.state, block.pending) for block in model.modules() if isinstance(block, RecurrentBlock)]
+def decode_rewind(decoder):
+    """A function that sets a decoder's state back to what it is now: each stack's cache lengths (in place, on the
+    device), the tokens fed, and the window state of each recurrent block. Cached keys and values past those
+    lengths need no reset: a step reads no slot past its own, which it has just written."""
+    lens = {stack: lens.clone() for stack, lens in decoder.lens.items()}
+    states = [(block, block.state, block.pending) for block in decoder.model.modules()
+              if isinstance(block, RecurrentBlock)]
+    fed = decoder.fed
 
     def rewind():
-        for stack, cache_lens in lens:
-            stack.cache_lens = list(cache_lens)
+        for stack, cache_lens in lens.items():
+            decoder.lens[stack].copy_(cache_lens)
+        decoder.fed = fed
         for block, state, pending in states:
             block.state, block.pending = state, pending
     return rewind
@@ -376,18 +429,12 @@ def decode_rewind(model):
 
 def calibration_run(mode, tokens, B, T):
     """What calibrate_scorers runs for a prefill or decode measurement of SUBLLM, and the first position it counts:
-    the same inputs, batch and steps, on the eager model."""
+    the same inputs and batch, through the full forward (the eval selection is causal: a decoded token scores
+    there what it scores in the decode step)."""
     model, P, steps = models['subllm'], T // 2, tokens_to_decode(B)
     if mode == 'prefill':
         return lambda: model(tokens[:, :T]), 0
-
-    def decode():
-        model.setup_cache(B, P + steps)
-        model(tokens[:, :P])
-        for j in range(steps):
-            model(tokens[:, P + j:P + j + 1])
-        model.setup_cache(None, None)
-    return decode, P
+    return lambda: model(tokens[:, :P + steps]), P
 
 
 RUNS = {'train': run_train, 'prefill': run_prefill, 'decode': run_decode}
@@ -432,7 +479,7 @@ def measure_pair(mode, tokens, B, T):
                           ms_samples=None, peak_mem_bytes=None,
                           mem_kind='cuda_max_allocated' if gpu else 'cpu_peak_rss_delta', mfu=None, flops=None,
                           keep_fractions=None, blocks_per_token=None, blocks_per_step=None, oom=False,
-                          graphs=None, graph_breaks=None)
+                          graphs=None, graph_breaks=None, ops_per_step=None, reads_per_step=None, cache_bytes=None)
                for name in models}
     calls, peaks, times = {}, {}, {name: [] for name in models}
     offsets = [level.score_offset.clone() for level in models['subllm'].levels()]
@@ -451,7 +498,7 @@ def measure_pair(mode, tokens, B, T):
             if attempt(records[name], setup):
                 peaks[name] = mem_peak(start, model)
                 model.reset_level_stats()
-            if compile and mode != 'decode':  # graphs compiled in the warmup (compilation is not timed), and breaks
+            if compile:  # graphs compiled in the warmup (compilation is not timed), and breaks
                 graphs, breaks = compile_counts()
                 records[name].update(graphs=graphs - compiled[0], graph_breaks=breaks - compiled[1])
         live = [name for name in models if not records[name]['oom']]
@@ -459,9 +506,9 @@ def measure_pair(mode, tokens, B, T):
             for name in live if i % 2 == 0 else live[::-1]:
                 if records[name]['oom']:
                     continue
-                t0 = time.perf_counter()
+                t0 = clock()
                 if attempt(records[name], lambda: (calls[name][0](), sync())):
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(clock() - t0)
         for name, record in records.items():
             if not record['oom']:
                 out = calls[name][1](len(times[name]))
@@ -469,8 +516,9 @@ def measure_pair(mode, tokens, B, T):
                 record.update(tokens_per_s=out['tokens'] / dt, ms_per_iter=1000 * dt,
                               ms_samples=[1000 * t / out['steps'] for t in times[name]], peak_mem_bytes=peaks[name],
                               mfu=peak_flops and out['flops'] / dt / peak_flops, flops=out['flops'],
-                              keep_fractions=out['keep'], blocks_per_token=out.get('blocks_per_token'),
-                              blocks_per_step=out.get('blocks_per_step'))
+                              keep_fractions=out['keep'], **{k: out.get(k) for k in (
+                                  'blocks_per_token', 'blocks_per_step', 'ops_per_step', 'reads_per_step',
+                                  'cache_bytes')})
         if len(times['llama']) == len(times['subllm']) == iters:  # the rounds, as LLaMA's time over SUBLLM's
             records['subllm']['round_ratios'] = [t / s for t, s in zip(times['llama'], times['subllm'])]
     finally:
@@ -481,7 +529,8 @@ def measure_pair(mode, tokens, B, T):
     for name, record in records.items():
         if record['oom']:
             models[name].zero_grad(set_to_none=True)
-            models[name].setup_cache(None, None)
+            for block in models[name].blocks():  # the caches of a decoder that ran out of memory
+                block.attn.kv_cache = None
     gc.collect()
     if gpu and any(r['oom'] for r in records.values()):
         torch.cuda.empty_cache()
@@ -576,6 +625,21 @@ print("\nspeedup = SUBLLM's speed over LLaMA's: the median over the rounds of ti
       "blocks/step ratio: which one binds depends on the batch (batch 1: both the same; a few rows: the weights "
       "read, blocks/step; many rows: their work, blocks/token). MFU: model FLOPs (causal "
       "attention counted as half of full attention) over the GPU's dense bf16 peak.")
+decodes = [(llama, sub) for llama, sub in zip(records[::2], records[1::2]) if sub['mode'] == 'decode'
+           and sub['ops_per_step'] is not None and llama['ops_per_step'] is not None]
+if decodes:
+    print(f"\n| decode seq_len | batch | aten ops/step LLaMA / {label} (ratio) | host reads/step LLaMA / {label} | "
+          f"KV cache MiB LLaMA / {label} (ratio) |")
+    print('|' + '---|' * 5)
+    for llama, sub in decodes:
+        print(f"| {sub['seq_len']} | {sub['batch_size']} | {llama['ops_per_step']:.0f} / {sub['ops_per_step']:.0f} "
+              f"({sub['ops_per_step'] / llama['ops_per_step']:.2f}x) | {llama['reads_per_step']:.2f} / "
+              f"{sub['reads_per_step']:.2f} | {llama['cache_bytes'] / 2 ** 20:.1f} / {sub['cache_bytes'] / 2 ** 20:.1f}"
+              f" ({sub['cache_bytes'] / llama['cache_bytes']:.2f}x) |")
+    print("aten ops and host reads: one eager pass of the decode steps, counted (a TorchDispatchMode; host reads: "
+          "generate.Decoder.route's, at most one per level a step reaches, and any .item()); the kernels an eager "
+          "step launches. KV cache: the bytes of every block's keys and values at the end of the decode (a level's "
+          "cache holds about what enters it, model's prompt + decoded tokens times its keep ratios, plus 10%).")
 if compile:
     print("torch.compile, graphs compiled in each measurement's warmup (graph breaks): " + ', '.join(
         f"{r['mode']} T={r['seq_len']} {r['model']} {r['graphs']} ({r['graph_breaks']})"

@@ -25,7 +25,7 @@ import os
 import numpy as np
 import torch
 
-from configurator import configure
+from configurator import check_ranges, configure
 from dataset import open_dataset
 from run_dir import load_checkpoint, model_from
 
@@ -39,6 +39,8 @@ drift_steps = 0         # then train this many steps on and report the score lev
 balancer = ''           # the Balancer for those steps ('spec', 'centred', 'strong'); '': the checkpoint's
 # -----------------------------------------------------------------------------
 configure(globals())
+check_ranges(globals(), {'rows': ('[1, inf)', ' (val crops to score)'), 'seed': '[0, inf)',
+                         'drift_steps': ('[0, inf)', ' (0: no drift run)')})
 
 checkpoint, ckpt_path = load_checkpoint(out_dir, ('model', 'model_args', 'config'))
 model = model_from(checkpoint, ckpt_path)  # one line when it does not fit this model.py

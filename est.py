@@ -6,15 +6,16 @@ in three stages of growing size, so that the early steps cost fewer FLOPs. train
     stage 2, until stage2_end * max_iters:       every block runs, still with some of its heads and units
     stage 3, until the end:                      the full model
 
-model.py has the hook: a Block runs the rows of its weights that set_subnetwork gives it (Block.est_q_rows,
-est_kv_rows, est_units; sliced, so that the matmuls really shrink), scaled by 1/p like dropout, or is skipped
-(Block.est_skip); forward_flops counts what runs. The results are in docs/est.md.
+model.py has the hook: a Block is skipped (Block.est_skip), or runs subnetwork_forward (Block.est_forward) with
+the rows of its weights that set_subnetwork gives it (sliced, so that the matmuls really shrink), scaled by 1/p like
+dropout; forward_flops counts what runs. The results are in docs/est.md.
 """
 import math
 
 import torch
+import torch.nn.functional as F
 
-from model import Block, RecurrentBlock
+from model import Block, RecurrentBlock, apply_rope
 
 
 def set_subnetwork(model, subnet):
@@ -37,8 +38,10 @@ def set_subnetwork(model, subnet):
     for block, entry in zip(blocks, subnet):
         block.est_skip = entry is None
         groups, units = (None, None) if entry is None else entry
+        block.est_forward = None if groups is None else subnetwork_forward
         if groups is None:  # dense (or skipped: then the rows are never used)
-            block.est_q_rows = block.est_kv_rows = block.est_units = None
+            for name in ('est_q_rows', 'est_kv_rows', 'est_units'):
+                block.register_buffer(name, None, persistent=False)
             continue
         device = block.attn.wq.weight.device
         groups, units = torch.as_tensor(groups, device=device), torch.as_tensor(units, device=device)
@@ -48,9 +51,36 @@ def set_subnetwork(model, subnet):
                 raise ValueError(f"sub-network {name} {idx.tolist()}: give distinct indices in [0, {n})")
         dims = torch.arange(head_dim, device=device)
         heads = (groups[:, None] * q_per_group + torch.arange(q_per_group, device=device)).flatten()
-        block.est_q_rows = (heads[:, None] * head_dim + dims).flatten()  # (kept heads * D,)
-        block.est_kv_rows = (groups[:, None] * head_dim + dims).flatten()  # (kept groups * D,)
-        block.est_units = units
+        # buffers: they follow .to(device), and torch.compile takes them as inputs (no recompile per sub-network)
+        block.register_buffer('est_q_rows', (heads[:, None] * head_dim + dims).flatten(), persistent=False)  # wq rows
+        block.register_buffer('est_kv_rows', (groups[:, None] * head_dim + dims).flatten(), persistent=False)
+        block.register_buffer('est_units', units, persistent=False)  # SwiGLU hidden units (rows of gate and up)
+
+
+def subnetwork_forward(block, x, cos, sin):
+    """Block.forward of a sub-network: its heads and units only (rows of wq, wk, wv, gate and up; columns of wo and
+    down), each branch scaled by 1/p like dropout, p the fraction it runs."""
+    attn, mlp = block.attn, block.mlp
+    p_heads, p_units = est_fractions(block)
+    h = block.attn_norm(x)
+    B, T, _ = h.shape
+    q = F.linear(h, attn.wq.weight[block.est_q_rows]).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, h, T, D)
+    k = F.linear(h, attn.wk.weight[block.est_kv_rows]).view(B, T, -1, attn.head_dim).transpose(1, 2)
+    v = F.linear(h, attn.wv.weight[block.est_kv_rows]).view(B, T, -1, attn.head_dim).transpose(1, 2)
+    y = attn.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v).transpose(1, 2).reshape(B, T, -1)
+    x = x + block.dropout(F.linear(y, attn.wo.weight[:, block.est_q_rows]) / p_heads)
+    h = block.mlp_norm(x)
+    units = block.est_units
+    u = F.silu(F.linear(h, mlp.gate.weight[units])) * F.linear(h, mlp.up.weight[units])
+    return x + block.dropout(F.linear(u, mlp.down.weight[:, units]) / p_units)
+
+
+def est_fractions(block):
+    """(p_heads, p_units): the fractions of its attention heads and SwiGLU units that a block runs (1, 1: dense)."""
+    if block.est_forward is None:
+        return 1, 1
+    return (block.est_q_rows.numel() / block.attn.wq.weight.size(0),
+            block.est_units.numel() / block.mlp.gate.weight.size(0))
 
 
 def est_kept(p, n):

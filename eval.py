@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import check_ranges, configure, first_line
+from generate import Decoder
 from run_dir import load_trained
 
 # -----------------------------------------------------------------------------
@@ -179,13 +180,13 @@ class HarnessLM(LM):
 
     @torch.no_grad()
     def greedy(self, ids, max_new, until):
-        """Up to max_new tokens after ids, each the argmax, through the per-level KV cache (as model.generate with
+        """Up to max_new tokens after ids, each the argmax, through the per-level KV cache (as generate.py with
         top_k=1 does); stops early at the end-of-text token or once the text holds a stop string."""
         model, new = self.model, []
-        with self.autocast:  # the cache takes autocast's dtype (bf16 on a GPU), as in model.generate
-            model.setup_cache(1, len(ids) + max_new)
+        with self.autocast:  # the cache takes autocast's dtype (bf16 on a GPU), as in generate.py
+            decoder = Decoder(model, 1, len(ids) + max_new)
             try:
-                logits, _ = model(torch.tensor([ids], device=self.model_device))  # the prefill: (1, 1, V)
+                logits, _ = decoder(torch.tensor([ids], device=self.model_device))  # the prefill: (1, 1, V)
                 for i in range(max_new):
                     token = logits[0, -1].argmax()
                     if token.item() == self.tok.eot_token:
@@ -194,9 +195,9 @@ class HarnessLM(LM):
                     if until and any(s in self.tok.decode([t for t in new if t < self.tok.vocab_size]) for s in until):
                         break
                     if i < max_new - 1:
-                        logits, _ = model(token.view(1, 1))
+                        logits, _ = decoder(token.view(1, 1))
             finally:
-                model.setup_cache(None, None)
+                decoder.close()
         return new
 
 

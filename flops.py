@@ -5,7 +5,8 @@ beside the measured speedup: the gap is the overhead of scoring, sorting, gather
 """
 import torch
 
-from model import Block, RecurrentBlock, est_fractions
+from est import est_fractions
+from model import Block, RecurrentBlock
 
 
 def forward_flops(model, T, keep=None):

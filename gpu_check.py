@@ -7,13 +7,15 @@ then prints a summary and writes every number to --out (JSON) and each stage's w
                each cached decoding step gives the full forward's logits up to bf16 rounding (tolerance 0.25 on
                logits below 6; a level score within 0.1 of the cut may fall on either side: test_model.py's
                docstring), and greedy decoding with the cache picks the full forward's argmax.
-  bench        bench.py --preset=1300m at 2k and 4k, SUBLLM against its LLaMA twin: train, prefill, and decode
-               at batch 1 and 8; tokens/s, speedup beside the FLOP ratio, peak memory, MFU. Eager, 2 warmup then
-               6 timed iterations. Then the compiled training step of both models at 4k (the paper's headline
-               point, +26%; train.py's path), its compilation in the warmup, not timed, with the graphs compiled
-               (one per model: more is a recompile) and the graph breaks (none expected). The eager 8k lengths
-               were dropped to make room for it (--bench_seq_lens=2048,4096,8192 brings them back); compiling the
-               whole sweep is --bench_compile=True with a larger --budget_s.
+  bench        bench.py --preset=1300m at 2k, SUBLLM against its LLaMA twin: train, prefill, and decode at
+               batch 1, 8 and 64; tokens/s, speedup beside the FLOP ratio, peak memory, MFU, and for decoding the
+               aten ops and host reads per step and the KV cache's bytes. Eager, 2 warmup then 6 timed iterations.
+               Then the compiled training step of both models at 4k (the paper's headline point, +26%; train.py's
+               path), and compiled decoding at 2k, batch 1, 8 and 64 (generate.py: a CUDA graph per segment between
+               host reads), their compilation in the warmup, not timed, with the graphs compiled (training: one per
+               model, more is a recompile) and the graph breaks (none expected). The eager 4k and 8k lengths were
+               dropped to make room (--bench_seq_lens=2048,4096 brings 4k back); compiling the whole sweep is
+               --bench_compile=True with a larger --budget_s.
   train        150 iterations of config/gpu_subllm_250m.py (the paper's 0.25B SUBLLM, torch.compile, bf16) on the
                Python stdlib's bytes (prepare.py --tokenizer=byte; random bytes if that fails) in the config's
                GPT-2 vocabulary size (50257 -> 50304 rows: the model, its FLOPs and MFU are the config's; only 256
@@ -28,6 +30,11 @@ then prints a summary and writes every number to --out (JSON) and each stage's w
                0.985x), on the same stdlib bytes (vocab 256), tokens, seed and schedule, one after the other in
                half the budget each: both val losses at the last eval both reached, their FLOPs and tokens/s.
                Estimated ~2 min each on an H200 (1500 iterations of 32 x 1024 tokens, compiled; not measured).
+  fsdp         (not in the default stages either: `--stages=fsdp`, or add it to the list) train.py --fsdp=True on one
+               GPU under torchrun (a world of one: NCCL, the bf16 MixedPrecisionPolicy, each block compiled before it
+               is sharded), a small SUBLLM for 20 iterations with sharded checkpoints (ckpt.dcp/), then resumed from
+               them for 5 more, eager: the losses, the evals, the per-rank state line. Estimated ~1.5 min (mostly
+               compilation; not measured). docs/distributed.md.
 
     python gpu_check.py                      # on a GPU: about 7-8 minutes (the estimate below)
     python gpu_check.py --stages=duel --out=duel.json   # the quality duel alone, within the same budget
@@ -37,11 +44,12 @@ then prints a summary and writes every number to --out (JSON) and each stage's w
 
 Time on one H200, an estimate from the sizes (not measured yet; the JSON holds each stage's real seconds):
   equivalence ~20 s: pytest and CUDA start, 22 tiny tests.
-  bench ~4 min: building the two 1.35B models on the CPU ~30 s (random init runs on one core), twice; train
-               steps of 51-83 TFLOP (flops.py), ~0.2 s each at 40% MFU of 989 TFLOP/s, 8 per model and length:
-               ~10 s; prefill a third of that; decode 8 x 64 steps per length, batch and model at 5-10 ms each
-               (eager: bound by kernel launches and weight reads), ~40 s, with the prompts' prefills ~10 s more;
-               the compiled step at 4k: compiling forward and backward of 24 blocks ~1 min per model.
+  bench ~4 min: building the two 1.35B models on the CPU ~30 s (random init runs on one core), three times;
+               train steps of 51 TFLOP (flops.py), ~0.15 s each at 40% MFU of 989 TFLOP/s, 8 per model: ~5 s;
+               prefill a third of that; decode 9 x 64 steps per batch and model at 5-10 ms each (eager: bound by
+               kernel launches and weight reads), 16 steps at batch 64: ~30 s; the compiled step at 4k: compiling
+               forward and backward of 24 blocks ~1 min per model; compiled decoding: graphs of 5 to 14 blocks,
+               5 at batch 1 and ~10 at batch 8 and 64 for SUBLLM (one per segment and bucket size), ~1.5 min.
   train ~3 min: stdlib bytes ~5 s; the first iteration ~1.5 min (torch.compile of the 24 blocks, forward and
                backward); 150 iterations of 84 TFLOP at 25-35% MFU, 0.25-0.35 s each: ~45 s; 4 evals and 3
                checkpoints (3 GB each) ~15 s.
@@ -77,7 +85,7 @@ budget_s = 460                 # seconds for all the stages together: a stage st
 equiv_dtype = 'bfloat16'       # equivalence: autocast dtype (also on the CPU, so the low-precision path is checked)
 train_iters = 150              # train: iterations of config/gpu_subllm_250m.py (10 at size cpu)
 train_accumulation = 2         # train: micro-steps of 8 x 4096 tokens per iteration (the config's 16 is 8x longer)
-bench_seq_lens = ''            # bench: '' = 2048,4096 (gpu), 32,64 (cpu); the compiled train step is at 4096
+bench_seq_lens = ''            # bench: '' = 2048 (gpu), 32,64 (cpu); the compiled train step is at 4096
 bench_compile = False          # bench: compile the sweep's train and prefill too (a minute per length, mode and model)
 bench_iters = 6                # bench: timed iterations per measurement (after 2 warmup ones; cpu: 1, no warmup)
 work_dir = ''                  # data and checkpoints; '' = a temporary directory, removed at the end
@@ -87,8 +95,9 @@ configure(globals())  # --key=value (configurator.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
-STAGES = ('equivalence', 'bench', 'train', 'duel')
-MIN_S = {'equivalence': 30, 'bench': 120, 'train': 150, 'duel': 240}  # seconds kept back for a later stage (cpu: a tenth)
+STAGES = ('equivalence', 'bench', 'train', 'duel', 'fsdp')
+# seconds kept back for a later stage (cpu: a tenth)
+MIN_S = {'equivalence': 30, 'bench': 120, 'train': 150, 'duel': 240, 'fsdp': 90}
 CONFIG = 'config/gpu_subllm_250m.py'
 GPT2_VOCAB = 50257
 
@@ -342,6 +351,50 @@ def duel(timeout, work):
 
 
 # -----------------------------------------------------------------------------
+# FSDP on one GPU: train.py --fsdp=True under torchrun (NCCL, mixed precision by policy, compiled blocks), its sharded
+# checkpoints and a resume from them
+
+
+FSDP_EVALS = [0, 10, 20, 25] if gpu else [0, 2, 4, 6]  # trained to the third eval, resumed to the fourth
+
+
+def fsdp_cmds(work):
+    """torchrun with one process on the GPU; at CPU size train.py alone, which makes its own world of one."""
+    cmd = [PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1'] if gpu else [PY]
+    cmd += ['train.py', '--fsdp=True', f"--data_dir={os.path.join(work, 'fsdp-data')}", '--dataset=stdlib',
+            f"--out_dir={os.path.join(work, 'fsdp')}", '--structure=TT(TT(TT)TT)TT', f'--eval_interval={FSDP_EVALS[1]}',
+            '--eval_iters=2', '--log_interval=5', '--warmup_iters=2', '--gradient_accumulation_steps=2']
+    size = ['--n_embd=256', '--n_head=4', '--block_size=1024', '--batch_size=8'] if gpu else [
+        '--n_embd=32', '--n_head=2', '--block_size=64', '--batch_size=4', '--device=cpu']
+    return [cmd + size + [f'--max_iters={FSDP_EVALS[2]}', f'--compile={gpu}'],
+            cmd + size + [f'--max_iters={FSDP_EVALS[3]}', '--compile=False', '--init_from=resume']]
+
+
+def fsdp(timeout, work):
+    t0 = time.time()
+    data = make_data(os.path.join(work, 'fsdp-data'), min(timeout, 120), 'fsdp')
+    rcs = []
+    for cmd in fsdp_cmds(work):
+        rc, _ = run(cmd, 'fsdp', timeout - (time.time() - t0))
+        rcs.append(rc)
+        if rc != 0:
+            break
+    text = open(log_path('fsdp'), errors='replace').read()
+    state = re.search(r"^per-rank model \+ optimizer state: ([\d.]+) MB", text, re.M)
+    log = os.path.join(work, 'fsdp', 'log.jsonl')
+    evals = [json.loads(line) for line in open(log) if line.strip()] if os.path.exists(log) else []
+    finite = bool(evals) and all(math.isfinite(e['val_loss']) for e in evals)
+    result = dict(ok=rcs == [0, 0] and finite and [e['iter'] for e in evals] == FSDP_EVALS
+                  and os.path.exists(os.path.join(work, 'fsdp', 'ckpt.dcp', 'run.pt')),
+                  seconds=time.time() - t0, command=' ; '.join(shlex.join(cmd) for cmd in fsdp_cmds(work)), data=data,
+                  state_mb=state and float(state.group(1)), evals=[[e['iter'], e['val_loss']] for e in evals])
+    if not result['ok']:
+        failed = [rc for rc in rcs if rc != 0]
+        result['error'] = failure('fsdp', failed[0]) if failed else 'missing or non-finite evals, or no ckpt.dcp/'
+    return result
+
+
+# -----------------------------------------------------------------------------
 # stage 3: bench.py, SUBLLM against its LLaMA twin
 
 
@@ -353,11 +406,14 @@ def bench_cmds(work):
                  '--n_embd=32', '--n_head=2', '--ffn_hidden=64', '--vocab_size=256', '--structure=TT(T(T)T)T',
                  '--tokens_per_batch=512', '--decode_batch=2', '--decode_tokens=4', '--warmup=0', '--iters=1',
                  f"--json={os.path.join(work, 'bench.json')}"]]
-    return [[PY, 'bench.py', '--preset=1300m', f'--seq_lens={bench_seq_lens or "2048,4096"}', '--decode_batch=8',
-             f'--compile={bench_compile}', '--warmup=2', f'--iters={bench_iters}',
+    return [[PY, 'bench.py', '--preset=1300m', f'--seq_lens={bench_seq_lens or "2048"}', '--decode_batch=8',
+             '--decode_batch_large=64', f'--compile={bench_compile}', '--warmup=2', f'--iters={bench_iters}',
              f"--json={os.path.join(work, 'bench.json')}"],
             [PY, 'bench.py', '--preset=1300m', '--seq_lens=4096', '--modes=train', '--compile=True', '--warmup=2',
-             f'--iters={bench_iters}', f"--json={os.path.join(work, 'bench_compiled.json')}"]]
+             f'--iters={bench_iters}', f"--json={os.path.join(work, 'bench_compiled.json')}"],
+            [PY, 'bench.py', '--preset=1300m', '--seq_lens=2048', '--modes=decode', '--decode_batch=8',
+             '--decode_batch_large=64', '--compile=True', '--warmup=2', f'--iters={bench_iters}',
+             f"--json={os.path.join(work, 'bench_decode_compiled.json')}"]]
 
 
 def bench(timeout, work):
@@ -377,6 +433,9 @@ def bench(timeout, work):
                              llama_mem_bytes=llama['peak_mem_bytes'], subllm_mem_bytes=sub['peak_mem_bytes'],
                              mem_ratio=sub['mem_ratio'], llama_mfu=llama['mfu'], subllm_mfu=sub['mfu'],
                              keep=sub['keep_fractions'], oom=llama['oom'] or sub['oom'],
+                             # decoding: an eager step's aten ops and host reads, and the KV caches' bytes
+                             **{f"{name}_{key}": r.get(key) for name, r in (('llama', llama), ('subllm', sub))
+                                for key in ('ops_per_step', 'reads_per_step', 'cache_bytes')},
                              # graphs compiled in the warmup (more than one: a recompile) and graph breaks
                              graphs=[r.get('graphs') for r in (llama, sub)],
                              graph_breaks=[r.get('graph_breaks') for r in (llama, sub)]))
@@ -396,7 +455,7 @@ def bench(timeout, work):
 # -----------------------------------------------------------------------------
 # the run, the summary, the JSON
 
-RUNS = {'equivalence': equivalence, 'bench': bench, 'train': train, 'duel': duel}
+RUNS = {'equivalence': equivalence, 'bench': bench, 'train': train, 'duel': duel, 'fsdp': fsdp}
 
 
 def fmt(value, spec, missing='-'):
@@ -426,6 +485,10 @@ def summary(report):
             line += ' ; '.join(f"{arm} val loss {r[arm]['val_loss']:.4f} ({r[arm]['flops'] / 1e12:.3g} TFLOPs, "
                                f"{fmt(r[arm]['tokens_per_s'], ',.0f')} tok/s)" for arm in DUEL if r.get(arm))
             line += f"; at iter {r['iter']}, gap {fmt(r.get('gap'), '+.4f')} (SUBLLM - LLaMA)"
+        elif name == 'fsdp':
+            line += ("val loss (iter) " + ' -> '.join(f"{loss:.3f} ({i})" for i, loss in r['evals'])
+                     + f", resumed from ckpt.dcp/ at {FSDP_EVALS[2]}; {fmt(r['state_mb'], '.1f')} MB of state per "
+                     f"rank")
         else:
             line += (f"{r['preset']}, {r['dtype']}, compile {r['compile']}: {len(r['rows'])} measurements")
         print(line)
@@ -450,6 +513,16 @@ def summary(report):
                   f"{fmt(r['subllm_tokens_per_s'], ',.0f')} | {fmt(r['speedup'], '.2f')}x | "
                   f"{fmt(r['flop_ratio'], '.2f')}x | {fmt(r['blocks_ratio'], '.2f', '')} | {mem} | "
                   f"{fmt(r['llama_mfu'], '.1%')} / {fmt(r['subllm_mfu'], '.1%')} |")
+        decodes = [r for r in s['bench']['rows'] if r['mode'] == 'decode' and r['subllm_ops_per_step']]
+        if decodes:
+            print(f"\n| decode | seq_len | batch | aten ops/step LLaMA / SUBLLM | host reads/step | KV cache {unit} "
+                  f"LLaMA / SUBLLM |")
+            print('|' + '---|' * 6)
+        for r in decodes:
+            print(f"| {'compiled' if r['compile'] else 'eager'} | {r['seq_len']} | {r['batch']} | "
+                  f"{r['llama_ops_per_step']:.0f} / {r['subllm_ops_per_step']:.0f} | "
+                  f"{r['llama_reads_per_step']:.2f} / {r['subllm_reads_per_step']:.2f} | "
+                  f"{r['llama_cache_bytes'] / scale:.2f} / {r['subllm_cache_bytes'] / scale:.2f} |")
 
 
 def git_commit():
@@ -465,7 +538,8 @@ def main():
         work = os.path.abspath(work_dir) if work_dir else '<work_dir>'
         commands = dict(equivalence=[equivalence_cmd(work)], train=[prepare_cmd(os.path.join(work, 'data')),
                                                                     train_cmd(work)], bench=bench_cmds(work),
-                        duel=[prepare_cmd(os.path.join(work, 'duel-data'))] + [duel_cmd(work, arm) for arm in DUEL])
+                        duel=[prepare_cmd(os.path.join(work, 'duel-data'))] + [duel_cmd(work, arm) for arm in DUEL],
+                        fsdp=[prepare_cmd(os.path.join(work, 'fsdp-data'))] + fsdp_cmds(work))
         print(json.dumps(dict(env=dict(equivalence=EQUIV_ENV),
                               commands={k: v for k, v in commands.items() if k in chosen}), indent=1))
         return 0

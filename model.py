@@ -39,7 +39,7 @@ class SubLLMConfig:
     balancer: str = 'centred'       # 'spec': Zipformer's, gain 0.04; 'centred': and the task gradient's common
                                     # mode removed; 'strong': centred, count gain 10
     running_cut: str = 'batch'      # subtract a running average of the top-k cut: of the 'batch', the mean of its
-                                    # 'rows' (what earlier runs used), or 'off' (Level.track_cut)
+                                    # 'rows', or 'off' (Level.track_cut)
     rope_theta: float = 10000.0
     rope_scaling: dict = None       # Llama 3's long-context RoPE (rope_frequencies); None: plain RoPE
     norm_eps: float = 1e-5
@@ -161,26 +161,6 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values of one block for decoding (gpt-fast style). Each batch row writes at its own
-    slots, and a step may touch only some rows: those whose token entered the block's level."""
-
-    def __init__(self, batch_size, max_len, n_kv_head, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def write(self, rows, slots, k, v):
-        """Write k, v (b, Hkv, K, D) of cache rows `rows` (b,) at their slots (b, K)."""
-        index = (rows[:, None, None], torch.arange(k.size(1), device=k.device)[None, :, None], slots[:, None, :])
-        self.k[index], self.v[index] = k.to(self.k.dtype), v.to(self.v.dtype)
-
-    def read(self, rows, length, dtype):
-        """The first `length` slots of rows `rows` (a slice): views (b, Hkv, length, D), no copy."""
-        return self.k[rows, :, :length].to(dtype), self.v[rows, :, :length].to(dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -191,43 +171,24 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.dropout = config.dropout
-        self.kv_cache = None  # set by SubLLM.setup_cache for decoding
+        self.kv_cache = None  # a generate.KVCache while decoding
 
-    def forward(self, x, cos, sin, cache_ctx=None, q_rows=None, kv_rows=None):
-        """q_rows, kv_rows: an EST sub-network's heads (est.py), sliced out of the weights; None: every head."""
+    def forward(self, x, cos, sin, cache=None):
+        """cache: while decoding, a generate.CacheContext: it writes k, v into self.kv_cache and attends there."""
         B, T, _ = x.shape
-        wq, wk, wv, wo = self.wq.weight, self.wk.weight, self.wv.weight, self.wo.weight
-        if q_rows is not None:
-            wq, wk, wv, wo = wq[q_rows], wk[kv_rows], wv[kv_rows], wo[:, q_rows]
-        q = F.linear(x, wq).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = F.linear(x, wk).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = F.linear(x, wv).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = self.attend(q, k, v) if cache_ctx is None else self.attend_cached(q, k, v, cache_ctx)  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, C)
-        return F.linear(y, wo)
+        y = self.attend(q, k, v) if cache is None else cache.attend(self, q, k, v)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
-    def attend(self, q, k, v, mask=None, is_causal=True):
-        if self.n_kv_head != self.n_head:  # grouped-query attention: share each K/V head among n_head/n_kv_head queries
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                              dropout_p=self.dropout if self.training else 0.0)
-
-    def attend_cached(self, q, k, v, cache_ctx):
-        """Append k, v to the cache rows of q's rows, and attend over everything those rows cached (Stack.cache_context
-        gives the rows, the slots, the mask, and each row's cache length after this chunk)."""
-        rows, slots, mask, row_list, ends = cache_ctx
-        self.kv_cache.write(rows, slots, k, v)
-        if len(row_list) == self.kv_cache.k.size(0):  # every row, in order: one call over views of the caches
-            return self.attend(q, *self.kv_cache.read(slice(None), max(ends), q.dtype), mask, is_causal=mask is None)
-        # Some rows (those entering a level): each attends over views of its own slots (copying them out cost 3x the
-        # attention at batch 64). One query (a decoding step) sees its row's every slot: no mask.
-        T = q.size(2)
-        return torch.cat([self.attend(q[i:i + 1], *self.kv_cache.read(slice(r, r + 1), end, q.dtype),
-                                      None if T == 1 or mask is None else mask[i:i + 1, :, :, :end],
-                                      is_causal=T > 1 and mask is None)
-                          for i, (r, end) in enumerate(zip(row_list, ends))])
+    def attend(self, q, k, v, mask=None):
+        """Causal attention, or under a mask. Grouped-query attention shares each K/V head among n_head/n_kv_head
+        query heads without copying it (enable_gqa)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              dropout_p=self.dropout if self.training else 0.0,
+                                              enable_gqa=self.n_kv_head != self.n_head)
 
 
 class MLP(nn.Module):
@@ -239,11 +200,8 @@ class MLP(nn.Module):
         self.up = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
         self.down = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
 
-    def forward(self, x, units=None):  # units: an EST sub-network's hidden units (est.py), sliced; None: all
-        if units is None:
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-        gate, up, down = self.gate.weight[units], self.up.weight[units], self.down.weight[:, units]
-        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nn.Module):
@@ -256,29 +214,15 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
-        # The hook of Evolving Subnetwork Training (est.py): skip the block, or run these rows of the weights (None:
-        # the dense block). Buffers, so that they follow .to(device) and torch.compile sees them as inputs.
-        self.est_skip = False
-        self.register_buffer('est_q_rows', None, persistent=False)   # rows of wq (columns of wo): kept heads
-        self.register_buffer('est_kv_rows', None, persistent=False)  # rows of wk and wv
-        self.register_buffer('est_units', None, persistent=False)    # SwiGLU hidden units (rows of gate and up)
+        # Evolving Subnetwork Training (est.py) skips the block in a step, or runs part of its weights
+        self.est_skip, self.est_forward = False, None
 
-    def forward(self, x, cos, sin, cache_ctx=None):
-        if self.est_q_rows is None:  # the dense block
-            x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache_ctx))
-            return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        # an EST sub-network: fractions p of the heads and units, each branch scaled by 1/p like dropout
-        p_heads, p_units = est_fractions(self)
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, None, self.est_q_rows, self.est_kv_rows) / p_heads)
-        return x + self.dropout(self.mlp(self.mlp_norm(x), self.est_units) / p_units)
+    def forward(self, x, cos, sin, cache=None):
+        if self.est_forward is not None:
+            return self.est_forward(self, x, cos, sin)
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
-
-def est_fractions(block):
-    """(p_heads, p_units): the fractions of its attention heads and SwiGLU units that a block runs (EST)."""
-    if block.est_q_rows is None:
-        return 1, 1
-    return (block.est_q_rows.numel() / block.attn.wq.weight.size(0),
-            block.est_units.numel() / block.mlp.gate.weight.size(0))
 
 # -----------------------------------------------------------------------------
 # SUBLLM pieces: Balancer, subsample, upsample, Bypass, Level
@@ -294,9 +238,8 @@ class Balancer(torch.autograd.Function):
     """Identity forward. Backward corrects the score gradient so that (a) the fraction of positive scores tracks
     keep_ratio and (b) the mean |score| stays in [1, 4] (SUBLLM.md §7), with probability `prob` (set_step). 'spec':
     Zipformer's (gain 0.04). 'centred', the default: the spec's, with the task gradient's common mode removed: the
-    running cut cancels a shift of every score, and chasing the one the task gradient makes it lag (docs/quality.md).
-    'strong' (centred, the count pushed with BALANCER_COUNT_GAIN) let |score| sink below 1, where soft weights damp
-    the levels."""
+    running cut cancels a shift of every score, and chasing the one the task gradient makes it lag. 'strong':
+    centred, the count pushed with BALANCER_COUNT_GAIN (docs/quality.md compares the three)."""
 
     @staticmethod
     def forward(ctx, scores, keep_ratio, prob, valid=None, mode='spec'):  # valid (B, T): real tokens, or None
@@ -362,112 +305,80 @@ class Bypass(nn.Module):
         return x + (u - x) * c
 
 
-def gather_tokens(x, idx):
-    """x (B, T, ...) , idx (B, K) -> (B, K, ...): the rows of x at idx, per batch row."""
-    return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+def gather_tokens(x, index):
+    """x (B, T, ...) , index (B, K) -> (B, K, ...): the rows of x at index, per batch row."""
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
 
 def subsample_topk(scores, keep_ratio):
     """Training-time selection (SUBLLM.md §4.2): the top k = ceil(keep * T) scores of each row, kept in causal order,
     with soft weights w_i = clamp(s_(i), 0, 1) - clamp(s_(i+k), 0, 1) so a token near the cut weighs little and the
-    scorer gets a gradient. Static shapes: k depends only on T. scores (B, T) -> idx (B, k), weights (B, k)."""
+    scorer gets a gradient. Static shapes: k depends only on T. scores (B, T) -> index (B, k), weights (B, k)."""
     T = scores.size(1)
     k = math.ceil(keep_ratio * T)
     top, order = scores.topk(min(2 * k, T), dim=1)      # (B, min(2k, T)) sorted descending
     clamped = top.clamp(0, 1)
     below = F.pad(clamped[:, k:], (0, 2 * k - clamped.size(1)))  # s_(i+k); missing entries count as 0
     weights = clamped[:, :k] - below                     # (B, k) in descending-score order
-    idx, perm = order[:, :k].sort(dim=1)                 # ascending positions: the short sequence stays causal
-    return idx, weights.gather(1, perm)
+    index, perm = order[:, :k].sort(dim=1)               # ascending positions: the short sequence stays causal
+    return index, weights.gather(1, perm)
 
 
-def subsample_threshold(scores, valid, capacity=None):
-    """Eval-time selection (SUBLLM.md §4.3): keep the tokens whose score > 0, token by token (causal). Kept tokens go
-    first, in order; rows are right-padded to the longest with skipped tokens of weight 0, which causal attention
-    keeps out of the kept ones. With a capacity (training with selection='threshold') K is fixed instead (static
-    shapes, no host sync) and a positive token after the row's first K takes the skip path (causal overflow).
-    Returns idx, weights, kept (B, K), counts (ints per row; None with a capacity), selected (B, T) bool."""
-    selected = scores > 0
-    if valid is not None:
-        selected = selected & valid
-    if capacity is None:
-        counts = selected.sum(1)
-        counts_list = counts.tolist()  # host sync: the short length K is data dependent in eval
-        K = max(counts_list)
-    else:
-        selected = selected & (selected.cumsum(1) <= capacity)  # overflow: past the first `capacity`, skip
-        counts, counts_list, K = selected.sum(1), None, capacity
-    idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :K]  # kept first, then the rest, in order
-    kept = torch.arange(K, device=scores.device)[None, :] < counts[:, None]
-    weights = gather_tokens(scores, idx).clamp(0, 1) * kept
-    return idx, weights, kept, counts_list, selected
+def subsample_threshold(scores, valid, capacity):
+    """Eval-time selection (SUBLLM.md §4.3): keep the tokens whose score > 0, token by token (causal), in a short
+    sequence of `capacity` slots: the kept tokens first, in order, then skipped tokens of weight 0 as padding, which
+    causal attention keeps out of the kept ones. A positive token after the row's first `capacity` takes the skip
+    path (causal overflow: training with selection='threshold' has a fixed capacity, static shapes).
+    scores, valid (B, T) -> index, weights, inner_valid (B, K): the slots that hold a kept token; selected (B, T)."""
+    selected = scores > 0 if valid is None else (scores > 0) & valid
+    selected = selected & (selected.cumsum(1) <= capacity)
+    index = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :capacity]  # kept first, in order
+    inner_valid = torch.arange(capacity, device=scores.device)[None, :] < selected.sum(1)[:, None]
+    weights = gather_tokens(scores, index).clamp(0, 1) * inner_valid
+    return index, weights, inner_valid, selected
 
 
 def subsample_eval(scores, valid):
     """Eval-time selection of a whole sequence: subsample_threshold's, its short length K the longest row's count.
     One read of a number from the device (K); under torch.compile an unbacked size (capture_scalar_outputs), so that
-    one graph serves every K. Returns idx, weights, kept (B, K)."""
+    one graph serves every K. Returns index, weights, inner_valid (B, K)."""
     selected = scores > 0 if valid is None else (scores > 0) & valid
     K = selected.sum(1).max().clamp(min=1).item()  # at least 1: where no token enters, one of weight 0 (out = x)
     torch._check(K >= 1)
     torch._check(K <= scores.size(1))
-    idx, weights, kept, _, _ = subsample_threshold(scores, valid, capacity=K)  # no row has more than K: no overflow
-    return idx, weights, kept
+    return subsample_threshold(scores, valid, K)[:3]  # no row has more than K: no overflow
 
 
-def upsample(x, y, idx, weights):
+def upsample(x, y, index, weights):
     """Scatter the short sequence back to full length (SUBLLM.md §5): at a kept position p the result is
-    w_p * y_p + (1 - w_p) * x_p, elsewhere x_p. x (B, T, C), y (B, K, C), idx and weights (B, K)."""
+    w_p * y_p + (1 - w_p) * x_p, elsewhere x_p. x (B, T, C), y (B, K, C), index and weights (B, K)."""
     w = weights[..., None].to(y.dtype)
-    mixed = w * y + (1 - w) * gather_tokens(x, idx)
-    # Not x.scatter(1, idx, mixed): torch 2.13's inductor (CPU) fused the bypass after it into a kernel that read x
-    # before the scatter wrote it. Scattering into zeros and selecting gives eager's values and compiles right
-    kept = torch.zeros_like(x[..., 0], dtype=torch.bool).scatter(1, idx, True)[..., None]  # (B, T, 1)
-    return torch.where(kept, torch.zeros_like(x).scatter(1, idx[..., None].expand_as(y), mixed), x)
+    mixed = w * y + (1 - w) * gather_tokens(x, index)
+    # scattered into zeros, then selected: x.scatter(1, ...) met an inductor bug (docs/bench_cpu.md)
+    kept = torch.zeros_like(x[..., 0], dtype=torch.bool).scatter(1, index, True)[..., None]  # (B, T, 1)
+    return torch.where(kept, torch.zeros_like(x).scatter(1, index[..., None].expand_as(y), mixed), x)
 
 
 class Stack(nn.Module):
-    """A sequence of blocks and nested levels that all see the same tokens. Keeps the decode-cache length of its
-    tokens, one per batch row (rows keep different numbers of tokens inside levels)."""
+    """A sequence of blocks and nested levels that all see the same tokens."""
 
     def __init__(self, config, items, depth):
         super().__init__()
         self.layers = nn.ModuleList([Block(config) if it == 'T' else RecurrentBlock(Block(config), config)
                                      if it == 'R' else Level(config, it, depth + 1) for it in items])
-        self.cache_lens = None  # list of ints per row while decoding with a cache
 
-    def forward(self, x, pos, rope, valid=None, counts=None, rows=None):
-        """x (B, T, C); pos (B or 1, T) original positions; valid (B, T) bool or None (no padding); counts: real
-        tokens per row (ints), where the caller synced them; rows: which batch rows of the caches x's rows are
-        (ints; None: all), while decoding."""
+    def forward(self, x, pos, rope, valid=None):
+        """x (B, T, C); pos (B or 1, T) original positions; valid (B, T) bool or None (no padding)."""
         cos, sin = rope[0][pos], rope[1][pos]  # (B or 1, T, D/2): angles of the original positions
-        cache_ctx = None
-        if self.cache_lens is not None:
-            rows = list(range(x.size(0))) if rows is None else rows
-            cache_ctx = self.cache_context(x.size(1), counts or [x.size(1)] * x.size(0), rows, x.device)
         for layer in self.layers:
-            if isinstance(layer, Block):
-                if not layer.est_skip:  # EST switches whole blocks off for a step: the residual passes through
-                    x = layer(x, cos, sin, cache_ctx)
+            if isinstance(layer, Level):
+                x = layer(x, pos, rope, valid)
             elif isinstance(layer, RecurrentBlock):
                 x = layer(x, rope)  # window-local positions, its own decoding state
-            else:
-                x = layer(x, pos, rope, valid, rows)
+            elif not layer.est_skip:  # EST switches whole blocks off for a step: the residual passes through
+                x = layer(x, cos, sin)
         return x
-
-    def cache_context(self, K, counts, rows, device):
-        """For K new tokens in each of these cache rows: the rows (a tensor), each token's slot after what its row
-        cached, the mask over max(ends) slots (a key slot is visible to a query at or after it; None: causal), the
-        rows (ints) and each row's slots to attend over, its cache length plus K (ints)."""
-        lens = [self.cache_lens[r] for r in rows]
-        rows_lens = torch.tensor([rows, lens], device=device)  # one host-to-device copy per stack and step
-        slots = rows_lens[1][:, None] + torch.arange(K, device=device)  # (B, K); padding writes past the end, unused
-        mask = None
-        if max(lens) > 0:
-            mask = torch.arange(max(lens) + K, device=device)[None, None, None, :] <= slots[:, None, :, None]
-        for r, c in zip(rows, counts):
-            self.cache_lens[r] += c
-        return rows_lens[0], slots, mask, rows, [n + K for n in lens]
 
 
 class Level(nn.Module):
@@ -488,7 +399,7 @@ class Level(nn.Module):
     @torch.no_grad()
     def track_cut(self, scores, valid=None, momentum=0.05):
         """Move score_offset towards the top-k cut, like BatchNorm's running mean, so that eval's `score > 0` keeps
-        about keep_ratio (with the Balancer alone it swung between 0.46 and 0.96). It moves after the selection, the
+        about keep_ratio (the Balancer alone does not hold it: docs/quality.md). It moves after the selection, the
         same for every token: top-k is unchanged and nothing leaks. 'batch': the score between the ceil(keep * n)
         largest of the batch's n real tokens and the rest, the one threshold that keeps keep_ratio of them. 'rows':
         the mean of each row's cut, which keeps less once rows differ in score level (docs/quality.md)."""
@@ -506,9 +417,9 @@ class Level(nn.Module):
         ranked = ranked.sort(dim=1, descending=True).values  # (B, T)
         above = ranked.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1)  # the k-th largest, kept
         below = ranked.gather(1, k.clamp(max=T - 1)[:, None]).squeeze(1)   # the (k+1)-th, skipped
-        rows = (k > 0) & (k < n)  # rows with a cut
-        cut = torch.where(rows, (above + below) / 2, 0.0)
-        self.score_offset.add_(momentum * cut.sum() / rows.sum().clamp(min=1))
+        has_cut = (k > 0) & (k < n)  # rows that keep some tokens and skip some
+        cut = torch.where(has_cut, (above + below) / 2, 0.0)
+        self.score_offset.add_(momentum * cut.sum() / has_cut.sum().clamp(min=1))
 
     def training_length(self, T):
         """The short sequence's length in training, for T tokens in (static). Top-k: ceil(keep * T). Threshold: a
@@ -525,7 +436,7 @@ class Level(nn.Module):
         scores = self.scorer(F.rms_norm(x, (x.size(-1),)) if self.config.scorer_norm else x).squeeze(-1).float()
         return scores - self.score_offset
 
-    def forward(self, x, pos, rope, valid=None, rows=None):
+    def forward(self, x, pos, rope, valid=None):
         cfg = self.config
         scores = self.score(x)  # (B, T)
         if self.training:
@@ -533,44 +444,23 @@ class Level(nn.Module):
                 self.track_cut(scores, valid)
             scores = Balancer.apply(scores, self.keep_ratio, self.balancer_prob, valid, cfg.balancer)
             if cfg.selection == 'topk':
-                idx, weights = subsample_topk(scores, self.keep_ratio)  # (B, k), k = ceil(keep * T)
-                kept, counts = None, None
-                selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, idx, True)
+                index, weights = subsample_topk(scores, self.keep_ratio)  # (B, k), k = ceil(keep * T)
+                inner_valid = None
+                selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, True)
             else:  # threshold: `score > 0` as in decoding (causal), in a fixed capacity
-                idx, weights, kept, counts, selected = subsample_threshold(scores, valid, self.training_length(x.size(1)))
+                index, weights, inner_valid, selected = subsample_threshold(scores, valid,
+                                                                            self.training_length(x.size(1)))
             real = torch.ones_like(selected) if valid is None else valid
             positive = (scores > 0) & real
             self.stats[2:] += torch.stack([real.sum(), ((selected == positive) & real).sum(), (positive & ~selected).sum()])
         else:  # eval: `score > 0`, token by token
-            if self.inner.cache_lens is None:  # a whole sequence: one graph under torch.compile whatever K is
-                (idx, weights, kept), counts = subsample_eval(scores, valid), None
-            else:  # decoding with the cache: which rows enter decides the code path, so the counts come to the host
-                idx, weights, kept, counts, _ = subsample_threshold(scores, valid)
+            index, weights, inner_valid = subsample_eval(scores, valid)
             self.stats[0] += x.size(0) * x.size(1) if valid is None else valid.sum()
-            self.stats[1] += kept.sum()
-            entering = list(range(x.size(0))) if counts is None else [i for i, c in enumerate(counts) if c > 0]
-            if len(entering) < x.size(0):  # a row that no token enters takes the skip path (out = x): run the
-                if not entering:           # inner blocks for the others only (decoding at batch > 1)
-                    return x
-                sub = torch.argsort((~kept[:, 0]).to(torch.int8), stable=True)[:len(entering)]  # (b,) no host sync
-                K = max(counts[i] for i in entering)
-                rows = [i if rows is None else rows[i] for i in entering]
-                pos = pos if pos.size(0) == 1 else pos[sub]
-                part = self.run_inner(x[sub], pos, rope, idx[sub, :K], weights[sub, :K], kept[sub, :K],
-                                      [counts[i] for i in entering], rows)
-                return x.index_copy(0, sub, part)
-        return self.run_inner(x, pos, rope, idx, weights, kept, counts, rows)
-
-    def run_inner(self, x, pos, rope, idx, weights, kept, counts, rows):
-        """The level's tokens idx (B, k) through the inner blocks, scattered back and mixed by the bypass."""
-        if counts is not None and min(counts) == x.size(1):  # every token enters (decoding): idx is 0, 1, ..., so
-            y = self.inner(x, pos, rope, kept, counts, rows)  # no gather, and upsample without its scatter
-            w = weights[..., None].to(y.dtype)
-            return self.bypass(x, w * y + (1 - w) * x)
-        x_short = gather_tokens(x, idx)                                # (B, k, C)
-        pos_short = gather_tokens(pos.expand(x.size(0), -1), idx)     # (B, k): original positions, for RoPE
-        y = self.inner(x_short, pos_short, rope, kept, counts, rows)  # (B, k, C)
-        return self.bypass(x, upsample(x, y, idx, weights))
+            self.stats[1] += inner_valid.sum()
+        x_short = gather_tokens(x, index)                              # (B, k, C)
+        pos_short = gather_tokens(pos.expand(x.size(0), -1), index)    # (B, k): original positions, for RoPE
+        y = self.inner(x_short, pos_short, rope, inner_valid)          # (B, k, C)
+        return self.bypass(x, upsample(x, y, index, weights))
 
 # -----------------------------------------------------------------------------
 # The model
@@ -638,24 +528,22 @@ class SubLLM(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx (B, T) token ids -> (logits, loss). With targets: logits at every position and the mean
-        cross-entropy; without: logits of the last position only. After setup_cache, idx is the next chunk of
-        the sequence and is appended to the caches (eval mode)."""
+        cross-entropy; without: logits of the last position only. (Decoding with KV caches: generate.py.)"""
         B, T = idx.shape
-        start = 0 if self.stack.cache_lens is None else self.stack.cache_lens[0]
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
         x = self.dropout(self.tok_embeddings(idx))  # (B, T, C)
-        x = self.stack(x, pos, (self.rope_cos, self.rope_sin))
+        x = self.stack(x, torch.arange(T, device=idx.device)[None], (self.rope_cos, self.rope_sin))
+        return self.head(x, targets)
+
+    def head(self, x, targets=None):
         x = self.norm(x)
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         else:
-            logits, loss = self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
+            logits, loss = self.lm_head(x[:, -1:, :]), None  # only the last position is needed to sample
         return logits, loss
-
-    # -- optimizer ----------------------------------------------------------------
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; matrices are decayed, norms and bypass gates are not."""
@@ -665,23 +553,7 @@ class SubLLM(nn.Module):
         fused = device_type == 'cuda'
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
-    # -- decoding ----------------------------------------------------------------
-
-    def setup_cache(self, batch_size, max_len):
-        """Allocate a KV cache in every block (None frees them). Each level's blocks hold only its tokens.
-        Under autocast the cache takes the autocast dtype (bf16 keys and values: half the memory of fp32)."""
-        param = self.lm_head.weight
-        device_type = param.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else param.dtype
-        for stack in [m for m in self.modules() if isinstance(m, Stack)]:
-            stack.cache_lens = None if batch_size is None else [0] * batch_size
-            for layer in stack.layers:
-                if isinstance(layer, Block):
-                    attn = layer.attn
-                    attn.kv_cache = None if batch_size is None else KVCache(
-                        batch_size, max_len, attn.n_kv_head, attn.head_dim, dtype, param.device)
-                elif isinstance(layer, RecurrentBlock):  # no KV cache: it carries its last window state instead
-                    layer.decoding, layer.state, layer.pending = batch_size is not None, None, None
+    # -- the levels' counters and cuts --------------------------------------------
 
     def reset_level_stats(self):
         for level in self.levels():
@@ -691,17 +563,22 @@ class SubLLM(nn.Module):
         """Per level, in eval mode since the last reset: (depth, tokens offered, tokens kept)."""
         return [(level.depth, *level.stats[:2].tolist()) for level in self.levels()]
 
+    def selection_stats(self):
+        """Per level, in training since the last reset: (depth, tokens offered, tokens whose selection agrees with
+        eval's `score > 0`, positive tokens the training selection skipped)."""
+        return [(level.depth, *level.stats[2:].tolist()) for level in self.levels()]
+
     @torch.no_grad()
     def calibrate_cuts(self, batches):
         """Set each level's running cut, depth by depth, to the cut that keeps keep_ratio of the tokens reaching it
         in eval mode on `batches` (token ids (B, T), training text), as BatchNorm's statistics are re-estimated
-        after training. The running cut follows training's top-k; an inner level's eval-mode input differs from it
-        (level 2 kept 0.56 for keep 0.64, docs/quality.md). train.py calls this at the end of training."""
+        after training: the running cut follows training's top-k, and an inner level's eval-mode input differs
+        from training's (docs/quality.md). train.py calls this at the end of training."""
         was_training = self.training
         self.eval()
         for depth in sorted({level.depth for level in self.levels()}):
             scores = {level: [] for level in self.levels() if level.depth == depth}
-            def record(level, args):  # args: x (B, T, C), pos, rope, valid (B, T) or None, rows
+            def record(level, args):  # args: x (B, T, C), pos, rope, valid (B, T) or None
                 s, valid = level.score(args[0]), args[3]
                 scores[level].append(s.flatten() if valid is None else s[valid])
             hooks = [level.register_forward_pre_hook(record) for level in scores]
@@ -712,38 +589,3 @@ class SubLLM(nn.Module):
             for level, s in scores.items():  # the cut of every token offered, as one row: momentum 1 sets it
                 level.track_cut(torch.cat(s)[None], momentum=1.0)
         self.train(was_training)
-
-    def selection_stats(self):
-        """Per level, in training since the last reset: (depth, tokens offered, tokens whose selection agrees with
-        eval's `score > 0`, positive tokens the training selection skipped)."""
-        return [(level.depth, *level.stats[2:].tolist()) for level in self.levels()]
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """Sample max_new_tokens after idx (B, T), in eval mode. With use_cache, the prompt fills every level's
-        KV cache and each new token runs only the levels its scores let it into; use_cache=False recomputes the
-        full eval forward every step (the reference)."""
-        B, T = idx.shape
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} tokens is "
-                             f"longer than block_size={self.config.block_size}: shorten one of them")
-        was_training = self.training
-        self.eval()
-        if use_cache:
-            self.setup_cache(B, T + max_new_tokens)
-        try:
-            logits, _ = self(idx)  # with a cache: the prefill
-            for i in range(max_new_tokens):
-                logits = logits[:, -1, :] / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float('Inf')
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
-                idx = torch.cat((idx, idx_next), dim=1)
-                if i < max_new_tokens - 1:
-                    logits, _ = self(idx_next if use_cache else idx)
-        finally:
-            if use_cache:
-                self.setup_cache(None, None)
-            self.train(was_training)
-        return idx

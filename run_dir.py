@@ -4,6 +4,10 @@ A training run's out_dir: what train.py keeps there, and how it keeps it safe.
     out_dir/train.lock    the pid and host of the run that uses it: one run per out_dir
     out_dir/ckpt.pt       everything to resume or to sample; written to a temp file, then renamed (never half a file)
     out_dir/ckpt_prev.pt  the checkpoint before it: a resume from a damaged ckpt.pt falls back to it
+    out_dir/ckpt.dcp/     instead of ckpt.pt with --fsdp=True: a sharded checkpoint (torch.distributed.checkpoint),
+                          a file of shards per rank and run.pt (the rest); written to a temp directory, then renamed;
+                          any number of processes resumes it (resharded), and load_checkpoint() consolidates it
+    out_dir/ckpt_prev.dcp/
     out_dir/log.jsonl     one JSON record per eval
 
 train.py calls it in the order a run happens (the torchtitan way: the training loop never sees a file):
@@ -15,7 +19,7 @@ train.py calls it in the order a run happens (the torchtitan way: the training l
                                            # (and with wandb_init, the wandb run starts)
     run.catch_preemption()                 # SIGTERM, SIGUSR1: run.preempted, and the loop saves and leaves
     problem = run.log(record)              # at each eval, and then
-    problem = run.save(checkpoint)
+    problem = run.save(state, model, optimizer, master)   # every rank
     run.release()                          # the lock (atexit does it too: on an error or Ctrl-C)
 
 A problem is one line (or None): train.py passes it to every DDP rank, and they stop together. sample.py, bench.py and
@@ -38,9 +42,11 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -48,6 +54,25 @@ import torch
 from configurator import first_line
 from model import SubLLM, SubLLMConfig
 from tokenizer import get_tokenizer
+
+
+CHECKPOINTS = ('ckpt.pt', 'ckpt_prev.pt', 'ckpt.dcp', 'ckpt_prev.dcp')  # what a run keeps in out_dir
+
+
+def remove(path):
+    """Delete a file, or a directory (a sharded checkpoint), if it is there."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def replace(src, dst):
+    """os.replace for a checkpoint file or directory: a rename cannot replace a directory that holds files, so a
+    directory dst is deleted first (meanwhile the other checkpoint, ckpt or ckpt_prev, is there to resume from)."""
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)
+    os.replace(src, dst)
 
 
 def shown(numbers, limit=5):
@@ -58,19 +83,21 @@ def shown(numbers, limit=5):
 # -----------------------------------------------------------------------------
 # reading checkpoints and logs (train.py, sample.py, bench.py, eval.py, plot.py)
 
-def load_checkpoint(out_dir, keys=('model', 'model_args'), missing=None, say=print):
+def load_checkpoint(out_dir, keys=('model', 'model_args'), missing=None, say=print, weights=True):
     """out_dir/ckpt.pt, loaded on the CPU (loading onto the GPU can run out of memory), as a dict that has these
     keys. train.py keeps the checkpoint before it as ckpt_prev.pt: when ckpt.pt is missing or damaged (a crash or a
     full disk while it was copied, an empty or foreign file), load_checkpoint says so in one line (through say) and
-    loads ckpt_prev.pt. Returns (checkpoint, path); when neither loads, a one-line SystemExit: `missing` when there
-    is no checkpoint at all (default: "no checkpoint at out_dir/ckpt.pt")."""
+    loads ckpt_prev.pt. A run with --fsdp=True saves ckpt.dcp/ and ckpt_prev.dcp/ instead: read_sharded() makes the
+    same dict of them, its model weights consolidated (weights=False: None, for train.py to load into its shards).
+    Returns (checkpoint, path); when none loads, a one-line SystemExit: `missing` when there is no checkpoint at all
+    (default: "no checkpoint at out_dir/ckpt.pt")."""
     problems = []
-    for name in ('ckpt.pt', 'ckpt_prev.pt'):
+    for name in ('ckpt.pt', 'ckpt.dcp', 'ckpt_prev.pt', 'ckpt_prev.dcp'):
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):
             continue
         try:
-            checkpoint = torch.load(path, map_location='cpu')
+            checkpoint = read_sharded(path, weights) if name.endswith('.dcp') else torch.load(path, map_location='cpu')
         except Exception as e:
             why = 'an empty file' if os.path.isfile(path) and os.path.getsize(path) == 0 else \
                 f"{type(e).__name__}: {first_line(e).split('. ')[0][:120]}"
@@ -80,28 +107,87 @@ def load_checkpoint(out_dir, keys=('model', 'model_args'), missing=None, say=pri
         if lacks:
             problems.append(f"{path} is not a checkpoint of train.py (it has no {', '.join(lacks)})")
             continue
-        if name != 'ckpt.pt':
-            first = problems[0] if problems else f"no {os.path.join(out_dir, 'ckpt.pt')}"
+        if '_prev' in name:
+            first = problems[0] if problems else f"no {os.path.join(out_dir, name.replace('_prev', ''))}"
             say(f"{first}: using {path} instead, the checkpoint before it (iter {checkpoint.get('iter_num')})")
         return checkpoint, path
     if not problems:
         raise SystemExit(missing or f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
-    if not os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-        problems.insert(0, f"no {os.path.join(out_dir, 'ckpt.pt')}")
+    latest = 'ckpt.dcp' if any('.dcp' in p for p in problems) else 'ckpt.pt'
+    if not any(os.path.exists(os.path.join(out_dir, n)) for n in ('ckpt.pt', 'ckpt.dcp')):
+        problems.insert(0, f"no {os.path.join(out_dir, latest)}")
     damaged = any('cannot be read' in p for p in problems)
-    raise SystemExit('; '.join(problems) + (', and there is no ckpt_prev.pt beside it' if len(problems) == 1 else '')
+    raise SystemExit('; '.join(problems) + (f", and there is no {latest.replace('ckpt', 'ckpt_prev')} beside it"
+                                            if len(problems) == 1 else '')
                      + (': damaged (a crash or a full disk while it was written or copied?)' if damaged else ''))
 
 
 def model_from(checkpoint, path):
     """The SubLLM of a checkpoint (its model_args and weights), on the CPU; one line when it does not fit this
-    model.py. Checkpoints of a compiled model (older ones) carry an '_orig_mod.' prefix: it goes."""
+    model.py. Checkpoints of a compiled model (older ones) carry an '_orig_mod.' prefix: it goes. Weights None (a
+    sharded checkpoint read with weights=False): the model as built, for restore() to load into its shards."""
     try:
         model = SubLLM(SubLLMConfig(**checkpoint['model_args']))
-        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+        if checkpoint['model'] is not None:
+            model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
     except (TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise SystemExit(f"{path} does not fit this model.py: {' '.join(str(e).split())[:300]}") from None
     return model
+
+
+def read_sharded(path, weights=True):
+    """A sharded checkpoint (ckpt.dcp/ of a run with --fsdp=True) as the dict that ckpt.pt holds: run.pt, the model
+    weights consolidated from every rank's file in this process (no process group, no GPU: sample.py, eval.py,
+    bench.py, diagnose.py, grow.py read it as ckpt.pt) or None (weights=False), and 'optimizer' None (load_sharded
+    reads it into a sharded optimizer). An exception when a file is missing or shorter than .metadata says."""
+    import torch.distributed.checkpoint as dcp
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    for info in metadata.storage_data.values():  # every rank's file, whole: not cut short by a crash or a full disk
+        if os.path.getsize(os.path.join(path, info.relative_path)) < info.offset + info.length:
+            raise ValueError(f"{info.relative_path} is cut short")
+    checkpoint = dict(torch.load(os.path.join(path, 'run.pt'), map_location='cpu'), model=None, optimizer=None)
+    if weights:  # each tensor in full, as .metadata describes it, filled from the shards of every rank
+        model = {k.removeprefix('model.'): torch.empty(m.size, dtype=m.properties.dtype)
+                 for k, m in metadata.state_dict_metadata.items() if k.startswith('model.')}
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": as meant, one process reads all
+            warnings.simplefilter('ignore')
+            dcp.load({'model': model}, checkpoint_id=path, no_dist=True)
+        checkpoint['model'] = model
+    return checkpoint
+
+
+def failure(e):
+    """DCP's CheckpointException (a BaseException, which holds every rank's exception) as a RuntimeError that says
+    the first rank's reason in one line."""
+    exception = next(iter(e.failures.values()))[0] if e.failures else e
+    return RuntimeError(f"{type(exception).__name__}: {first_line(exception)}")
+
+
+def save_sharded(path, model, optimizer):
+    """Every rank writes its shards of the model and of AdamW's state into the directory path (a collective). The
+    unsharded buffers (score_offset) are rank 0's, as ckpt.pt holds them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    try:
+        dcp.save({'model': model_state, 'optimizer': optimizer_state}, checkpoint_id=path,
+                 planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+    except dcp.CheckpointException as e:  # a full disk on some rank: every rank learns it
+        raise failure(e) from None
+
+
+def load_sharded(path, model, optimizer):
+    """The weights and AdamW's state of a sharded checkpoint into this run's shards (a collective): each rank
+    reads the rows it holds now, at any number of processes (resharded)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {'model': model_state, 'optimizer': optimizer_state}
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except dcp.CheckpointException as e:  # a checkpoint of another model
+        raise failure(e) from None
+    set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
 
 
 def load_trained(out_dir):
@@ -170,24 +256,30 @@ def set_rng_state(state, batches, cuda, levels=()):
     batches.set_state(state['batches'])
 
 
-def restore(checkpoint, path, optimizer, scaler, rank, world_size, batches, cuda, levels, seed, say=print):
-    """Put the run back where the checkpoint (read from path) left it: the optimizer and the loss scaler, this
-    process's random states and score offsets (saved by another number of processes: new seeds, away from those of
-    any fresh start, and not an exact continuation), and after a preemption the levels' selection counts since the
-    last eval. Returns the iter whose eval the checkpoint holds (None after a preemption: it is still to run)."""
+def restore(checkpoint, path, model, optimizer, scaler, rank, world_size, batches, cuda, levels, seed, say=print):
+    """Put the run back where the checkpoint (read from path) left it: the optimizer and the loss scaler (a sharded
+    checkpoint: the weights too, into model's shards, at any number of processes), this process's random states and
+    score offsets (saved by another number of processes: new seeds, away from those of any fresh start, and rank 0's
+    score offsets: not an exact continuation), and after a preemption the levels' selection counts since the last
+    eval. Returns the iter whose eval the checkpoint holds (None after a preemption: it is still to run)."""
     try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        if checkpoint['optimizer'] is None:  # sharded (ckpt.dcp/)
+            load_sharded(path, model, optimizer)
+        else:
+            optimizer.load_state_dict(checkpoint['optimizer'])
         scaler.load_state_dict(checkpoint['scaler'])
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"the optimizer state in {path} does not fit this model ({first_line(e)}): was it saved by "
-                         f"another version of train.py?") from None
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        what = 'optimizer state' if checkpoint['optimizer'] is not None else 'optimizer state or weights'
+        raise SystemExit(f"the {what} in {path} does not fit this model ({first_line(e)}): was it saved by another "
+                         f"version of train.py?") from None
     if len(checkpoint['rng']) == world_size:
         set_rng_state(checkpoint['rng'][rank], batches, cuda, levels)
     else:
         batches.manual_seed(seed + rank + checkpoint['iter_num'] * world_size)
         torch.manual_seed(seed + rank + checkpoint['iter_num'] * world_size)
-        say(f"the checkpoint has random states for {len(checkpoint['rng'])} processes, this run has {world_size}: "
-            f"reseeded, so this is not an exact continuation")
+        say(f"the checkpoint has random states for {len(checkpoint['rng'])} processes, this run has {world_size}: the "
+            f"weights and optimizer state are the checkpoint's; every rank starts from rank 0's running cuts and draws "
+            f"new batches and dropout (reseeded): not an exact continuation")
     for level, stats in zip(levels, checkpoint.get('level_stats', [])):
         level.stats.copy_(stats)
     return None if 'preempted' in checkpoint else checkpoint['iter_num']
@@ -197,10 +289,12 @@ def restore(checkpoint, path, optimizer, scaler, rank, world_size, batches, cuda
 # the run's own out_dir: lock, checkpoints, log
 
 class RunDir:
-    """The out_dir of a training run. Only rank 0 of a DDP run claims it, saves and logs; every rank loads."""
+    """The out_dir of a training run. Only rank 0 of a DDP run claims it, saves and logs; every rank loads (and under
+    FSDP every rank saves its shards)."""
 
-    def __init__(self, out_dir, wandb_init=None):
-        """wandb_init: wandb.init's arguments, to send log()'s records to Weights & Biases too (None: not)."""
+    def __init__(self, out_dir, wandb_init=None, sharded=False):
+        """wandb_init: wandb.init's arguments, to send log()'s records to Weights & Biases too (None: not). sharded:
+        the checkpoints are ckpt.dcp/ (--fsdp=True), not ckpt.pt."""
         if not out_dir:
             raise SystemExit("--out_dir is empty: give the directory for the checkpoint and log, e.g. --out_dir=out")
         if wandb_init and importlib.util.find_spec('wandb') is None:  # optional: checked now, imported when it starts
@@ -208,7 +302,8 @@ class RunDir:
                              "--wandb_log=False)")
         self.wandb_init, self.wandb = wandb_init, None  # and the wandb run, once start_log has started it
         self.out_dir = out_dir
-        self.ckpt_path, self.prev_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'ckpt_prev.pt')
+        self.sharded, ext = sharded, '.dcp' if sharded else '.pt'
+        self.ckpt_path, self.prev_path = os.path.join(out_dir, 'ckpt' + ext), os.path.join(out_dir, 'ckpt_prev' + ext)
         self.log_path, self.lock_path = os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'train.lock')
         self.lock_text = f"{os.getpid()} {socket.gethostname()}\n"
         self.keep_prev = True  # the next save moves ckpt.pt to ckpt_prev.pt; not when ckpt.pt is the damaged file
@@ -281,9 +376,12 @@ class RunDir:
             refusal = self.take_lock()
         except OSError as e:
             return f"cannot write to {self.out_dir}/ ({e.strerror or first_line(e)}): give a writable --out_dir"
-        if refusal or resume:
+        if refusal:
             return refusal
-        found = [f for f in ('ckpt.pt', 'ckpt_prev.pt', 'log.jsonl')
+        remove(self.ckpt_path + '.tmp')  # what a crash left of a save (before any rank of this run writes there)
+        if resume:
+            return None
+        found = [f for f in (*CHECKPOINTS, 'log.jsonl')
                  if os.path.exists(os.path.join(self.out_dir, f)) and os.path.getsize(os.path.join(self.out_dir, f))]
         if found and not overwrite:
             self.release()
@@ -327,11 +425,16 @@ class RunDir:
     # checkpoints
 
     def load(self, keys, config, say=print):
-        """ckpt.pt to resume from (ckpt_prev.pt when ckpt.pt is damaged): (checkpoint, path). The settings of this
-        run (config) that differ from the checkpoint's are said."""
-        checkpoint, path = load_checkpoint(self.out_dir, keys, say=say,
+        """ckpt.pt to resume from (ckpt_prev.pt when ckpt.pt is damaged): (checkpoint, path); sharded, ckpt.dcp/
+        without its weights (restore loads them into the shards). The settings of this run (config) that differ from
+        the checkpoint's are said."""
+        checkpoint, path = load_checkpoint(self.out_dir, keys, say=say, weights=not self.sharded,
                                            missing=f"init_from=resume, but there is no checkpoint at {self.ckpt_path}")
-        self.keep_prev = path == self.ckpt_path  # resumed past a damaged ckpt.pt: the next save replaces it
+        if path.endswith('.dcp') != self.sharded:
+            raise SystemExit(f"{path} is a sharded checkpoint (--fsdp=True): resume it with --fsdp=True, at any number "
+                             f"of processes" if not self.sharded else f"{path} was saved without --fsdp: resume "
+                             f"it without --fsdp=True (or start a new run with it)")
+        self.keep_prev = path == self.ckpt_path  # resumed past a damaged ckpt: the next save replaces it
         changed = [f"{k}={config[k]!r} (was {v!r})" for k, v in checkpoint['config'].items()
                    if k not in ('init_from', 'overwrite') and config.get(k) != v]
         was = checkpoint['config'].get('seed')
@@ -342,21 +445,31 @@ class RunDir:
             say(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
         return checkpoint, path
 
-    def save(self, checkpoint):
-        """Write ckpt.pt atomically (a temp file, then a rename: a crash never leaves half a file); the checkpoint
-        before it becomes ckpt_prev.pt. Returns None, or why the run must stop (a full disk)."""
-        print(f"saving checkpoint to {self.ckpt_path}")
+    def save(self, state, model, optimizer, master=True):
+        """Save the model, the optimizer and state (the rest: iter_num, config, every rank's random states, ...)
+        atomically, a crash never leaves half a checkpoint where a resume reads: ckpt.pt, which rank 0 writes to a
+        temp file and renames; or sharded, ckpt.dcp/, into whose temp directory every rank writes its shards and
+        rank 0 adds run.pt (state), then renames it. The checkpoint before it becomes ckpt_prev. Every rank calls it.
+        Returns None, or why the run must stop (a full disk)."""
+        if master:
+            print(f"saving checkpoint to {self.ckpt_path}")
         tmp = self.ckpt_path + '.tmp'
         try:
-            torch.save(checkpoint, tmp)
-            if self.keep_prev and os.path.exists(self.ckpt_path):
-                os.replace(self.ckpt_path, self.prev_path)
-            os.replace(tmp, self.ckpt_path)
-            self.keep_prev = True
+            if self.sharded:
+                save_sharded(tmp, model, optimizer)
+                if master:
+                    torch.save(state, os.path.join(tmp, 'run.pt'))
+            elif master:
+                torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), **state}, tmp)
+            if master:
+                if self.keep_prev and os.path.exists(self.ckpt_path):
+                    replace(self.ckpt_path, self.prev_path)
+                replace(tmp, self.ckpt_path)
+                self.keep_prev = True
         except (OSError, RuntimeError) as e:  # a full disk: torch.save raises either
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            return (f"cannot save {self.ckpt_path} at iter {checkpoint['iter_num']} ({first_line(e)}): stopping; the "
+            if master:
+                remove(tmp)
+            return (f"cannot save {self.ckpt_path} at iter {state['iter_num']} ({first_line(e)}): stopping; the "
                     f"checkpoints before it are kept; free some disk space and continue with --init_from=resume")
         return None
 
@@ -377,9 +490,8 @@ class RunDir:
                     say(f"{self.log_path}: skipped {len(bad)} line(s) that are not JSON records (line {shown(bad)}); "
                         f"kept the {len(kept)} record(s) up to iter {resume_iter}")
             elif resume_iter is None:
-                for old_file in (self.ckpt_path, self.prev_path):
-                    if os.path.exists(old_file):
-                        os.remove(old_file)
+                for old in CHECKPOINTS:
+                    remove(os.path.join(self.out_dir, old))
             with open(self.log_path + '.tmp', 'w') as f:
                 f.writelines(kept)
             os.replace(self.log_path + '.tmp', self.log_path)

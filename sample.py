@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import check_ranges, configure, first_line, resolve_device
+from generate import Decoder, decode_one_token, sample
 from run_dir import load_trained
 
 # -----------------------------------------------------------------------------
@@ -31,7 +32,7 @@ top_k = 200                 # sample among the top_k most likely tokens; 0: amon
 seed = 1337
 device = 'auto'             # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'
 dtype = 'auto'              # 'auto' (bfloat16 if the GPU has it, else float16; float32 on CPU) or one of those
-compile = False             # torch.compile the model's forward (CUDA; decode shapes change, so it recompiles)
+compile = False             # torch.compile the decode step (generate.py): a graph per segment between host reads
 use_cache = True            # False: every step reruns the whole sequence (the reference the cache must match)
 # -----------------------------------------------------------------------------
 configure(globals())  # --key=value, or a config file (configurator.py)
@@ -53,8 +54,9 @@ print(f"{ckpt_path}: iter {checkpoint.get('iter_num')}, {model.get_num_params() 
 checkpoint = None  # free the memory
 model.eval()
 model.to(device)
-if compile:
-    model.compile()
+if compile and 'R' in model.config.structure:
+    raise SystemExit("--compile=True compiles the cached decode step, which recurrent blocks ('R') do not support: "
+                     "run with --compile=False")
 
 # the prompt
 if start.startswith('FILE:'):
@@ -79,27 +81,25 @@ def now():
     return time.perf_counter()
 
 
+@torch.no_grad()
 def generate_timed(x):
-    """One sample: model.generate(x, max_new_tokens), one prefill and the decode steps, each timed directly. A hook
-    on the first forward (the prefill) marks the time when it returns, and reads and resets the level counters
-    there. Returns the tokens, the prefill's time (start to mark), the decode's time (mark to end; it includes
-    sampling the first new token) and the prompt's level counts."""
-    marks = []
-
-    @torch.compiler.disable  # with --compile=True: the hook runs eagerly, between the compiled graphs
-    def after_prefill(module, args, output):
-        marks.append(now())
-        marks.append(module.level_stats())
-        module.reset_level_stats()
-        handle.remove()  # the decode steps go on without it
-    handle = model.register_forward_hook(after_prefill)
-    t0 = now()
+    """One sample, as generate.generate makes it, timed: the prefill (the prompt, and the first new token) and the
+    decode steps. The level counters are read and reset after the prefill. Returns the tokens, the two times and
+    the prompt's level counts."""
+    decoder = Decoder(model, 1, x.size(1) + max_new_tokens - 1, compile) if use_cache else None
     try:
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, use_cache=use_cache)
+        t0 = now()
+        tokens = [x, sample(decoder(x)[0] if use_cache else model(x)[0], temperature, top_k or None)]
+        t_prefill, prompt_stats = now(), model.level_stats()
+        model.reset_level_stats()
+        for _ in range(max_new_tokens - 1):
+            tokens.append(decode_one_token(decoder, tokens[-1], temperature, top_k or None) if use_cache else
+                          sample(model(torch.cat(tokens, dim=1))[0], temperature, top_k or None))
+        t_end = now()
     finally:
-        handle.remove()
-    t_end = now()
-    return y, marks[0] - t0, t_end - marks[0], marks[1]
+        if use_cache:
+            decoder.close()
+    return torch.cat(tokens, dim=1), t_prefill - t0, t_end - t_prefill, prompt_stats
 
 
 # The level fractions count generated tokens only. With the cache, the counters are reset when the prefill returns,
@@ -135,11 +135,11 @@ except Exception as e:
     raise SystemExit(f"torch.compile failed ({type(e).__name__}: {first_line(e)}): "
                      f"run with --compile=False") from None
 
-n_new = num_samples * max_new_tokens
-speed = f"{n_new / decode_time:.1f} tokens/s" if decode_time > 0 else "too fast to time"
-print(f"decode: {n_new} tokens in {decode_time:.3f} s, {speed} ({'with' if use_cache else 'without'} the KV cache; "
-      f"the prefill of the {len(start_ids)}-token prompt took {prefill_time:.3f} s in all, not counted)")
-n_fed = num_samples * (max_new_tokens - 1)  # generated tokens that went through the model (see above)
+n_fed = num_samples * (max_new_tokens - 1)  # decode steps: generated tokens that went through the model (see above)
+speed = f"{n_fed / decode_time:.1f} tokens/s" if decode_time > 0 else "too fast to time"
+print(f"decode: {n_fed} tokens in {decode_time:.3f} s, {speed} ({'with' if use_cache else 'without'} the KV cache"
+      f"{', compiled' if compile else ''}; the prefill of the {len(start_ids)}-token prompt and the first new token "
+      f"took {prefill_time:.3f} s in all, not counted)")
 if n_fed == 0:
     print("no level fractions: with max_new_tokens=1 no generated token goes through the model")
 for i, (depth, _, _) in enumerate(model.level_stats() if n_fed else []):

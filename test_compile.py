@@ -118,3 +118,50 @@ def test_eval_level_that_no_token_enters_leaves_the_stream_unchanged():
         expected = model(idx)[0]
     assert torch.equal(logits, expected) and torch.equal(compiled, expected)
     assert [(depth, kept) for depth, _, kept in model.level_stats()] == [(1, 0), (2, 0)]
+
+
+def test_compiled_decoding_compiles_each_segment_once_and_equals_eager():
+    """Decoding compiled (generate.Decoder(compiled=...)): each segment between host reads is one graph (fullgraph:
+    a host read inside would fail to compile), a step runs one graph more than it reads, and after a warmup of 64
+    steps of random entry patterns (per level and step: no row enters, some, or every row) 64 more compile
+    nothing (error_on_recompile), at a bounded number of graphs: per segment start and bucket size of each level
+    open there (at batch 4: 2 rows, or all 4). The logits are eager's."""
+    from torch._dynamo.backends.debugging import aot_eager
+    from generate import Decoder
+    model = tiny(structure='(T(T))', block_size=140).eval()  # two nested levels, one block each: small graphs
+    shift = {1: torch.zeros(()), 2: torch.zeros(())}  # tensors: a new value is an input, not a recompile
+    for level in model.levels():
+        level.scorer.register_forward_hook(lambda m, args, out, d=level.depth: out + shift[d])
+    graph_calls = []
+
+    def backend(gm, example_inputs):  # aot_eager, counting the calls of each graph it makes
+        compiled = aot_eager(gm, example_inputs)
+        return lambda *args: graph_calls.append(1) or compiled(*args)
+    B, steps = 4, 128
+    idx = torch.randint(V, (B, 8 + steps), generator=torch.Generator().manual_seed(0))
+    patterns = torch.tensor([-50.0, 0.0, 50.0])[torch.randint(3, (steps, 2), generator=torch.Generator().manual_seed(1))]
+    counter = CompileCounterWithBackend(backend)
+    logits = {}
+    with torch.no_grad():
+        for name, compiled in (('eager', False), ('compiled', counter)):
+            reads = []
+            decoder = Decoder(model, B, 8 + steps, compiled=compiled)
+            route = decoder.route
+            decoder.route = lambda *args: reads.append(1) or route(*args)
+            shift[1].zero_(), shift[2].zero_()
+            out = [decoder(idx[:, :8])[0]]  # the prompt: eager
+            for t in range(steps):
+                if compiled and t == 64:
+                    warm = counter.frame_count
+                shift[1].fill_(patterns[t, 0]), shift[2].fill_(patterns[t, 1])
+                graph_calls.clear(), reads.clear()
+                with torch._dynamo.config.patch(error_on_recompile=bool(compiled) and t >= 64):
+                    out.append(decoder(idx[:, 8 + t:9 + t])[0])
+                if compiled:  # the step's graphs: one per segment, a segment after each read
+                    assert len(graph_calls) == len(reads) + 1 and len(reads) <= 2
+            decoder.close()
+            logits[name] = torch.cat(out, dim=1)
+    # starts: the model's (1), into level 1 (2 sizes), into level 2 (3: 2 of 4 rows, 2 of 2, 4 of 4), after a skip
+    # of level 2 (2), of level 1 (1)
+    assert counter.frame_count == warm == 9
+    assert torch.allclose(logits['compiled'], logits['eager'], atol=1e-5)

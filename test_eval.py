@@ -21,6 +21,7 @@ lm_eval = pytest.importorskip('lm_eval', reason='lm-eval is optional: pip instal
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from eval import HarnessLM, load_model, score_windows  # noqa: E402  (importing eval.py reads no settings)
+from generate import generate  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BLOCK = 64
@@ -220,14 +221,14 @@ def test_generate_until_is_model_generate_greedy_cut_at_the_stop_string(ckpts, n
     cut = 0
     for prompt, text in zip(prompts, got):
         ids = tok.encode(prompt)[-(BLOCK - 30):]  # room for the 30 new tokens
-        y = model.generate(torch.tensor([ids]), 30, top_k=1)[0, len(ids):].tolist()
+        y = generate(model, torch.tensor([ids]), 30, top_k=1)[0, len(ids):].tolist()
         reference = tok.decode(y[:y.index(tok.eot_token)] if tok.eot_token in y else y)
         assert text == reference.split(stops[0])[0].split(stops[1])[0]
         cut += len(text) < len(reference)
     assert cut > 0  # a stop string ended some generation
     # max_gen_toks beyond the block: the prompt keeps its last token, generation stops at the block
     long = lm.generate_until(requests(('The cat sat', {'until': [], 'max_gen_toks': 500})), disable_tqdm=True)[0]
-    y = model.generate(torch.tensor([tok.encode('t')]), BLOCK - 1, top_k=1)[0, 1:].tolist()
+    y = generate(model, torch.tensor([tok.encode('t')]), BLOCK - 1, top_k=1)[0, 1:].tolist()
     assert long == tok.decode(y[:y.index(tok.eot_token)] if tok.eot_token in y else y)
 
 
@@ -248,7 +249,7 @@ def test_simple_evaluate_scores_local_tasks_as_computed_by_hand(ckpts, task_dir)
     for sample in out['samples']['tiny_gen']:  # greedy through model.generate, cut at the stop string
         (prompt, kwargs), = sample['arguments']
         ids = tok.encode(prompt)
-        y = model.generate(torch.tensor([ids]), kwargs['max_gen_toks'], top_k=1)[0, len(ids):].tolist()
+        y = generate(model, torch.tensor([ids]), kwargs['max_gen_toks'], top_k=1)[0, len(ids):].tolist()
         answer = tok.decode(y[:y.index(tok.eot_token)] if tok.eot_token in y else y).split('\n')[0]
         assert sample['filtered_resps'] == [answer]
         matches.append(answer == sample['target'])

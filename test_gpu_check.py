@@ -52,6 +52,9 @@ def test_cpu_size_runs_the_three_stages_and_reports_their_numbers(tmp_path):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r['flop_ratio'] > 1 and not r['oom']
         assert r['llama_mem_bytes'] >= 0 and r['llama_mfu'] is None  # no peak FLOP/s on a CPU
+        if r['mode'] == 'decode':  # an eager step's kernels and host reads (none for LLaMA), the caches' bytes
+            assert r['llama_reads_per_step'] == 0 < r['subllm_reads_per_step'] <= 2 and r['subllm_ops_per_step'] > 0
+            assert 0 < r['subllm_cache_bytes'] < r['llama_cache_bytes']
 
     train = report['stages']['train']  # the 250m config's file, toy-sized, 10 iterations on stdlib bytes
     assert train['config'] == 'config/gpu_subllm_250m.py' and 'stdlib' in train['data']
@@ -84,11 +87,12 @@ def test_the_gpu_size_commands_are_accepted_by_their_scripts(tmp_path):
     assert listed.returncode == 0, listed.stderr
     plan = json.loads(listed.stdout)
     assert plan['env']['equivalence'] == {'SUBLLM_TEST_DEVICE': 'cuda', 'SUBLLM_TEST_DTYPE': 'bfloat16'}
-    (prepare, train), (bench, compiled) = plan['commands']['train'], plan['commands']['bench']
+    (prepare, train), (bench, compiled, decode) = plan['commands']['train'], plan['commands']['bench']
     assert '--max_iters=150' in train and 'config/gpu_subllm_250m.py' in train
-    assert '--preset=1300m' in bench and '--seq_lens=2048,4096' in bench and '--decode_batch=8' in bench
+    assert {'--preset=1300m', '--seq_lens=2048', '--decode_batch=8', '--decode_batch_large=64'} <= set(bench)
     assert {'--preset=1300m', '--seq_lens=4096', '--modes=train', '--compile=True'} <= set(compiled)
-    for cmd in (prepare, train, bench, compiled):
+    assert {'--preset=1300m', '--modes=decode', '--decode_batch_large=64', '--compile=True'} <= set(decode)
+    for cmd in (prepare, train, bench, compiled, decode):
         done = subprocess.run(cmd + ['--help'], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and not done.stderr.strip(), (cmd, done.stderr)
     (pytest_cmd,) = plan['commands']['equivalence']
@@ -155,3 +159,19 @@ def test_each_stage_gets_the_time_left_less_what_the_later_stages_keep(tmp_path,
     report = json.loads((tmp_path / 'c.json').read_text())
     assert report['seconds'] == 455 and not report['ok']
     assert [(s['ok'], s['seconds']) for s in report['stages'].values()] == [(True, 100), (False, 345), (True, 10)]
+
+
+def test_the_fsdp_stage_runs_train_py_sharded_and_resumes_it(tmp_path):
+    """--stages=fsdp at CPU size (train.py alone, a world of one, gloo, eager): 4 iterations with sharded
+    checkpoints, resumed from them for 2 more; at GPU size the same commands under torchrun, at their size and
+    compiled."""
+    result, report = gpu_check(tmp_path, '--stages=fsdp', f'--work_dir={tmp_path / "work"}')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fsdp = report['stages']['fsdp']
+    assert fsdp['ok'] and [i for i, _ in fsdp['evals']] == [0, 2, 4, 6] and fsdp['state_mb'] > 0
+    assert sorted(os.listdir(tmp_path / 'work' / 'fsdp')) == ['ckpt.dcp', 'ckpt_prev.dcp', 'log.jsonl']
+    assert 'fsdp         ok' in result.stdout
+    listed = subprocess.run([sys.executable, GPU_CHECK, '--size=gpu', '--dry_run=True', '--stages=fsdp',
+                             f'--work_dir={tmp_path}'], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
+    _, first, resumed = json.loads(listed.stdout)['commands']['fsdp']  # the CPU run's, but for size and compile
+    assert {'--fsdp=True', '--compile=True', '--nproc_per_node=1'} <= set(first) and '--init_from=resume' in resumed

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from generate import generate
 from grow import grow
 from model import SubLLM, SubLLMConfig
 
@@ -50,9 +51,9 @@ def test_tli_copy_zero_computes_the_same_function_and_copy_does_not(structure):
     assert [(lv.depth, lv.keep_ratio) for lv in same.levels()] == [(lv.depth, lv.keep_ratio) for lv in model.levels()]
     # decoding with the KV caches that setup_cache allocates in every block, injected ones included
     prompt = idx[:1, :8]
-    reference = model.generate(prompt, 16, top_k=1)
-    assert torch.equal(same.generate(prompt, 16, top_k=1), reference)
-    assert torch.equal(same.generate(prompt, 16, top_k=1, use_cache=False), reference)
+    reference = generate(model, prompt, 16, top_k=1)
+    assert torch.equal(generate(same, prompt, 16, top_k=1), reference)
+    assert torch.equal(generate(same, prompt, 16, top_k=1, use_cache=False), reference)
 
 
 @pytest.mark.parametrize('structure, k, grown', [

@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from flops import forward_flops
+import generate as generate_module
+from generate import Decoder, bucket, generate, score_chunk
 from model import (Balancer, Bypass, SubLLM, SubLLMConfig, llama_twin, parse_structure, subsample_topk,
                    subsample_threshold, upsample)
 
@@ -73,9 +75,10 @@ class ScoreControl:
             level.register_forward_pre_hook(self.remember_positions)
             level.scorer.register_forward_hook(self.adjust(level))
 
-    def remember_positions(self, level, args):
+    def remember_positions(self, level, args):  # the full forward: Level.forward(x, pos, rope, valid)
         level._positions = args[1]  # (1 or B, T) original positions of the tokens this level sees
         level._valid = args[3] if len(args) > 3 else None  # (B, T) real tokens, None: all (padding is not)
+        level._rows = None  # the batch rows of x's rows: all, in order
 
     def pin_near_ties(self, level, pos, out):
         """The first score seen of each (depth, row, position) is its reference. A later score of it (the other
@@ -84,9 +87,10 @@ class ScoreControl:
         farther from the cut than that is left alone: the logits then differ, and the test fails."""
         s = out.squeeze(-1).float() - level.score_offset  # what Level compares with 0
         real = torch.ones_like(s, dtype=torch.bool) if level._valid is None else level._valid
-        ref = self.reference.setdefault(level.depth, torch.full((s.size(0), level.config.block_size), math.nan,
-                                                                device=s.device))
-        rows = torch.arange(s.size(0), device=s.device)[:, None].expand_as(s)
+        ref = self.reference.setdefault(level.depth, torch.full((128, level.config.block_size), math.nan,
+                                                                device=s.device))  # batch rows x positions
+        rows = torch.arange(s.size(0), device=s.device) if level._rows is None else level._rows
+        rows = rows[:, None].expand_as(s)
         old = ref[rows, pos]  # (B, T)
         first = torch.isnan(old) & real
         ref[rows[first], pos[first]] = s[first]
@@ -107,6 +111,16 @@ class ScoreControl:
             self.scores.setdefault(level.depth, []).append((pos.detach().clone(), out.detach().squeeze(-1)))
             return out
         return hook
+
+
+def score_chunk_telling_positions(decoder, level, frame):
+    """Decoding scores a level's tokens in generate.score_chunk, not in Level.forward: ScoreControl learns their
+    positions and real tokens there (installed for every test in this module; eager decoding only)."""
+    level._positions, level._valid, level._rows = frame['pos'], frame['valid'], frame['rows']
+    return score_chunk(decoder, level, frame)
+
+
+generate_module.score_chunk = score_chunk_telling_positions
 
 
 # -----------------------------------------------------------------------------
@@ -145,7 +159,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="longer than block_size"):
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="longer than block_size"):
-        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=5)
+        generate(model, torch.zeros(1, 60, dtype=torch.long), max_new_tokens=5)
 
 
 def llama_param_count(c):
@@ -207,10 +221,9 @@ def test_subsample_topk_keeps_ceil_k_in_order():
 
 def test_subsample_threshold_right_pads():
     scores = torch.tensor([[1.0, -1.0, 2.0, 0.5], [-1.0, -2.0, 0.3, 0.0]])  # kept: > 0, so not a score of 0
-    idx, weights, kept, counts, selected = subsample_threshold(scores, None)
-    assert counts == [3, 1]
+    idx, weights, inner_valid, selected = subsample_threshold(scores, None, capacity=3)
     assert idx[0].tolist() == [0, 2, 3] and idx[1, 0].item() == 2
-    assert kept.tolist() == [[True, True, True], [True, False, False]]
+    assert inner_valid.tolist() == [[True, True, True], [True, False, False]]
     assert torch.allclose(weights, torch.tensor([[1.0, 1.0, 0.5], [0.3, 0.0, 0.0]]))
     assert selected.tolist() == [[True, False, True, True], [False, False, True, False]]
 
@@ -220,11 +233,11 @@ def test_threshold_capacity_drops_the_latest_positive_tokens():
     scores than room keeps its first ones: the overflow rule looks only at earlier tokens, so it is causal."""
     scores = torch.tensor([[1.0, 2.0, -1.0, 3.0, 0.4], [-1.0, 0.5, -2.0, -3.0, -1.0]])
     valid = torch.tensor([[True] * 5, [True, True, True, True, False]])
-    idx, weights, kept, counts, selected = subsample_threshold(scores, valid, capacity=2)
-    assert counts is None and idx.shape == (2, 2)  # static shape, no host sync
+    idx, weights, inner_valid, selected = subsample_threshold(scores, valid, capacity=2)
+    assert idx.shape == (2, 2)  # static shape, no host sync
     assert selected.tolist() == [[True, True, False, False, False], [False, True, False, False, False]]
     assert idx.tolist() == [[0, 1], [1, 0]]  # row 1: its one kept token, then a skipped one as padding
-    assert kept.tolist() == [[True, True], [True, False]]
+    assert inner_valid.tolist() == [[True, True], [True, False]]
     assert torch.allclose(weights, torch.tensor([[1.0, 1.0], [0.5, 0.0]]))
 
 
@@ -914,15 +927,15 @@ def test_forward_flops_match_the_spec_table(keep, ratios):
 
 def cached_logits(model, idx, chunks):
     """Feed idx (B, T) through the cache in chunks of the given sizes; the logits of every position."""
-    model.setup_cache(idx.size(0), idx.size(1))
+    decoder = Decoder(model, idx.size(0), idx.size(1))
     out, start = [], 0
     try:
         for size in chunks:
             piece = idx[:, start:start + size]
-            out.append(model(piece, piece)[0])  # targets only to get logits at every position of the chunk
+            out.append(decoder(piece, piece)[0])  # targets only to get logits at every position of the chunk
             start += size
     finally:
-        model.setup_cache(None, None)
+        decoder.close()
     assert start == idx.size(1)
     return torch.cat(out, dim=1)
 
@@ -970,40 +983,72 @@ def test_cached_decoding_equals_full_forward(case, B, chunks, record_property):
         assert entered.any() and not entered.all(), (depth, entered)
 
 
-def test_batched_decoding_runs_a_level_only_for_the_rows_that_enter():
-    """At batch 4 the rows' new tokens enter different levels at every step. A level runs its inner blocks for
-    exactly the rows whose token enters it (and not at all when none does), the caches of the rows that skip stay
-    untouched, and every row's logits are those of the full forward."""
-    model = build(tiny(structure="T(T(TT)T)T", n_kv_head=2), seed=4, weight_scale=1.5).eval()
-    control = ScoreControl(model)
-    inner_rows = {}  # depth -> rows that each run of the level's inner blocks got
-    for level in model.levels():
-        level.inner.register_forward_pre_hook(
-            lambda stack, args, depth=level.depth: inner_rows.setdefault(depth, []).append(args[0].size(0)))
+@pytest.mark.parametrize("B", [4, 64])
+def test_batched_cached_decoding_runs_a_level_on_a_bucket_of_the_rows_that_enter(B, record_property):
+    """At batch 4 and 64 the rows' new tokens enter different levels at every step. A level runs its inner blocks
+    on the rows that enter, padded with rows that do not up to a bucket size (and not at all when none enters); a
+    row that skips leaves the level's cache as later steps read it (its length, and what it cached), and every
+    row's logits are those of its full forward."""
+    model = build(tiny(structure="T(T(TT)T)T", n_kv_head=2), seed=4, weight_scale=1.5).to(DEVICE).eval()
+    control = ScoreControl(model, pin=PIN_MARGIN)
+    steps = {lv.depth: [] for lv in model.levels()}  # per decode step: rows reaching the level, rows it ran
+    for level in model.levels():  # the scorer sees the rows reaching the level; its first block, those it runs
+        level.scorer.register_forward_pre_hook(lambda m, args, d=level.depth: steps[d].append([len(args[0]), 0]))
+        level.inner.layers[0].register_forward_pre_hook(
+            lambda m, args, d=level.depth: steps[d][-1].__setitem__(1, len(args[0])))
     caches = {lv.depth: lv.inner.layers[0].attn for lv in model.levels()}  # the first block inside each level
-    idx = torch.randint(0, V, (4, 24), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        full = model(idx, idx)[0]
-        model.setup_cache(4, 24)
-        logits = [model(idx[:, :8], idx[:, :8])[0]]  # the prefill
-        control.scores.clear()
-        inner_rows.clear()
+    idx = torch.randint(0, V, (B, 24), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with torch.no_grad(), precision():
+        full = model(idx, idx)[0].float()
+        decoder = Decoder(model, B, 24)
+        logits = [decoder(idx[:, :8], idx[:, :8])[0].float()]  # the prefill
+        model.reset_level_stats()
+        for s in steps.values():
+            s.clear()
         for t in range(8, 24):
+            lens = {lv.depth: decoder.lens[lv.inner].clone() for lv in model.levels()}
             before = {d: attn.kv_cache.k.clone() for d, attn in caches.items()}
-            lens = {lv.depth: list(lv.inner.cache_lens) for lv in model.levels()}
-            logits.append(model(idx[:, t:t + 1], idx[:, t:t + 1])[0])
-            for lv in model.levels():  # a row whose token skipped the level: its cache is as it was
-                for r in range(4):
-                    if lv.inner.cache_lens[r] == lens[lv.depth][r]:
-                        assert torch.equal(caches[lv.depth].kv_cache.k[r], before[lv.depth][r])
-        model.setup_cache(None, None)
-    assert (torch.cat(logits, dim=1) - full).abs().max() < 1e-4
+            logits.append(decoder(idx[:, t:t + 1], idx[:, t:t + 1])[0].float())
+            for lv in model.levels():
+                grew = decoder.lens[lv.inner] - lens[lv.depth]
+                assert grew.min() >= 0 and grew.max() <= 1
+                for r in range(B):  # every row's cached slots stay as they were
+                    n = lens[lv.depth][r]
+                    assert torch.equal(caches[lv.depth].kv_cache.k[r, :, :n], before[lv.depth][r, :, :n])
+            for lv in model.levels():  # this step's counters: real rows offered, rows entering
+                if steps[lv.depth] and len(steps[lv.depth][-1]) == 2:
+                    steps[lv.depth][-1] += lv.stats[:2].tolist()
+            model.reset_level_stats()
+        decoder.close()
+    record_property('max_logit_diff', (torch.cat(logits, dim=1) - full).abs().max().item())
+    record_property('pinned_near_ties', control.pinned)
+    assert (torch.cat(logits, dim=1) - full).abs().max() < LOGIT_TOL
     for depth in (1, 2):
-        entering = [int((s > 0).sum()) for _, s in control.scores[depth]]  # per step, of the rows that reached it
-        assert inner_rows[depth] == [n for n in entering if n > 0]
-        reached = [s.size(0) for _, s in control.scores[depth]]
-        assert any(0 < n < b for n, b in zip(entering, reached)), entering  # some rows in, some out
-    assert 0 in [int((s > 0).sum()) for _, s in control.scores[2]]  # and steps where no row enters level 2
+        ran = [(rows, inner, real, n) for rows, inner, real, n in steps[depth]]
+        assert all(inner == (bucket(n, rows) if n else 0) for rows, inner, real, n in ran), ran
+        assert any(0 < n < real for rows, inner, real, n in ran), ran  # some rows in, some out
+        assert B == 4 or any(n < inner < rows for rows, inner, real, n in ran), ran  # a bucket: padded, a subset
+    assert B == 64 or any(n == 0 for rows, inner, real, n in ran)  # steps where no row enters level 2
+
+
+def test_cache_of_a_row_that_enters_every_level_grows_past_its_initial_capacity(record_property):
+    """A level's caches start with room for the tokens expected to enter it; a row whose every token enters
+    (forced) needs all of max_len there: the caches grow, and the logits stay those of the full forward."""
+    model = build(tiny(structure="T(T(TT)T)T", keep_ratio=0.5), seed=5, weight_scale=1.5).to(DEVICE).eval()
+    ScoreControl(model, force_in={1: set(range(30)), 2: set(range(30))})
+    idx = torch.randint(0, V, (3, 30), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    with torch.no_grad(), precision():
+        full = model(idx, idx)[0].float()
+        decoder = Decoder(model, 3, 30)
+        capacity = lambda: [decoder.caches[lv.inner][0].k.size(2) - 1 for lv in model.levels()]  # noqa: E731
+        initial = capacity()
+        logits = [decoder(idx[:, :4], idx[:, :4])[0]] + [decoder(idx[:, t:t + 1], idx[:, t:t + 1])[0]
+                                                          for t in range(4, 30)]
+        final = capacity()
+        decoder.close()
+    assert initial == [math.ceil(30 * 0.5 * 1.1), math.ceil(30 * 0.25 * 1.1)] and final == [30, 30]
+    record_property('max_logit_diff', (torch.cat(logits, dim=1).float() - full).abs().max().item())
+    assert (torch.cat(logits, dim=1).float() - full).abs().max() < LOGIT_TOL
 
 
 def test_cached_decoding_baseline(record_property):
@@ -1021,12 +1066,12 @@ def test_greedy_generation_same_with_and_without_cache(structure, record_propert
     prompt = torch.randint(0, V, (2, 6)).to(DEVICE)
     control = None if EXACT else ScoreControl(model, pin=PIN_MARGIN)
     with precision():
-        with_cache = model.generate(prompt, 30, top_k=1, use_cache=True)
+        with_cache = generate(model, prompt, 30, top_k=1, use_cache=True)
     if not EXACT:
         gap = greedy_gap(model, with_cache, 6)  # pinned to the level decisions of the cached run
         control.reference.clear()
     with precision():
-        without = model.generate(prompt, 30, top_k=1, use_cache=False)
+        without = generate(model, prompt, 30, top_k=1, use_cache=False)
     assert with_cache.shape == (2, 36)
     if EXACT:
         assert torch.equal(with_cache, without)
@@ -1046,7 +1091,7 @@ def test_generate_with_the_cache_runs_one_new_token_per_step_through_the_blocks(
     seen = {}  # block -> tokens per call
     for i, block in enumerate(model.blocks()):
         block.register_forward_pre_hook(lambda m, args, i=i: seen.setdefault(i, []).append(args[0].size(1)))
-    model.generate(torch.randint(0, V, (2, 6)), 10, use_cache=use_cache)
+    generate(model, torch.randint(0, V, (2, 6)), 10, use_cache=use_cache)
     if use_cache:
         assert seen[0] == [6] + [1] * 9 and seen[4] == [6] + [1] * 9  # the outer blocks: prefill, then one token
         assert all(n <= 1 for i in (1, 2, 3) for n in seen.get(i, [])[1:])  # inside a level: the token, or nothing
@@ -1062,13 +1107,13 @@ def test_cached_decoding_under_autocast(record_property):
     idx = torch.randint(0, V, (1, 12)).to(DEVICE)
     with torch.no_grad(), torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
         full = model(idx, idx)[0].float()
-        model.setup_cache(1, 12)
+        decoder = Decoder(model, 1, 12)
         assert model.blocks()[0].attn.kv_cache.k.dtype == torch.bfloat16
-        model.setup_cache(None, None)
+        decoder.close()
         cached = cached_logits(model, idx, [6, 1, 1, 1, 1, 1, 1]).float()
         if control:
             control.reference.clear()
-        assert model.generate(idx[:, :4], 8, top_k=1).shape == (1, 12)
+        assert generate(model, idx[:, :4], 8, top_k=1).shape == (1, 12)
     record_property('max_logit_diff', (cached - full).abs().max().item())
     assert (cached - full).abs().max() < (0.1 if DEVICE == 'cpu' else BF16_TOL)  # equal up to bf16 rounding
 
@@ -1079,7 +1124,7 @@ def test_decode_entry_fraction_matches_positive_scores():
     model = build(tiny(), weight_scale=1.5).eval()
     prompt = torch.randint(0, V, (1, 10))
     model.reset_level_stats()
-    out = model.generate(prompt, 40, use_cache=True)
+    out = generate(model, prompt, 40, use_cache=True)
     decoded = model.level_stats()
     control = ScoreControl(model)
     model.reset_level_stats()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flops import forward_flops
+from generate import Decoder, generate
 from model import SubLLM, SubLLMConfig, RecurrentBlock, llama_twin
 from test_model import cached_logits
 
@@ -95,8 +96,8 @@ def test_stateful_decoding_equals_full_recompute(structure, alpha, learn, prompt
         one_by_one = cached_logits(model, idx, [prompt] + [1] * (19 - prompt))
         mixed = cached_logits(model, idx, [prompt, 1, 5, 1, 3] + [1] * (19 - prompt - 10))  # chunks across windows
     assert close(one_by_one, full) and close(mixed, full)
-    with_cache = model.generate(idx[:, :prompt], 12, top_k=1, use_cache=True)
-    without = model.generate(idx[:, :prompt], 12, top_k=1, use_cache=False)
+    with_cache = generate(model, idx[:, :prompt], 12, top_k=1, use_cache=True)
+    without = generate(model, idx[:, :prompt], 12, top_k=1, use_cache=False)
     assert torch.equal(with_cache, without)
     assert not any(layer.decoding for layer in model.stack.layers if isinstance(layer, RecurrentBlock))  # freed
 
@@ -105,15 +106,15 @@ def test_decoding_state_holds_the_last_window_and_the_open_one():
     """While decoding, an R layer keeps w state vectors and fewer than w pending inputs, whatever the prefix."""
     model = build('R', w=4).eval()
     layer = model.stack.layers[0]
-    model.setup_cache(1, 40)
+    decoder = Decoder(model, 1, 40)
     with torch.no_grad():
-        model(torch.randint(0, V, (1, 10)))
+        decoder(torch.randint(0, V, (1, 10)))
         for _ in range(20):
-            model(torch.randint(0, V, (1, 1)))
+            decoder(torch.randint(0, V, (1, 1)))
             h, a = layer.state
             assert h.shape == (1, 4, 32) and a is None and layer.pending.size(1) < 4
     assert layer.pending.size(1) == 30 % 4
-    model.setup_cache(None, None)
+    decoder.close()
 
 
 def test_r_inside_a_level_raises():
@@ -187,7 +188,7 @@ def test_train_and_sample_a_recurrent_model(tmp_path, monkeypatch, capsys):
                                       '--max_new_tokens=10', '--start=ab'])
     runpy.run_path(os.path.join(HERE, 'sample.py'), run_name='__main__')  # in this process: torch is imported
     printed = capsys.readouterr().out
-    assert 'structure R' in printed and 'decode: 10 tokens' in printed
+    assert 'structure R' in printed and 'decode: 9 tokens' in printed
 
 
 def test_bench_measures_a_recurrent_model_against_its_twin(monkeypatch, tmp_path, capsys):

@@ -494,15 +494,15 @@ def test_ddp_every_rank_leaves_on_a_refusal(base, tmp_path):
 
 
 def test_S2_one_prefill_per_sample_and_the_decode_time_does_not_include_it(base, monkeypatch, capsys):
-    from model import SubLLM
-    original, prefills, clock = SubLLM.forward, [], [1000.0]
+    from generate import Decoder
+    original, prefills, clock = Decoder.__call__, [], [1000.0]
 
-    def timed_forward(self, idx, targets=None):  # on the test's clock, a prefill takes 5 s and a decode step 0.25 s
+    def timed_chunk(self, idx, targets=None):  # on the test's clock, a prefill takes 5 s and a decode step 0.25 s
         if idx.size(1) > 1:
             prefills.append(idx.size(1))
         clock[0] += 5.0 if idx.size(1) > 1 else 0.25
         return original(self, idx, targets)
-    monkeypatch.setattr(SubLLM, 'forward', timed_forward)
+    monkeypatch.setattr(Decoder, '__call__', timed_chunk)
     monkeypatch.setattr(time, 'perf_counter', lambda: clock[0])  # sample.py's clock: the wall does not matter
     monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={BASE / "trained"}', '--device=cpu', '--start=abc',
                                       '--num_samples=2', '--max_new_tokens=10'])
@@ -510,5 +510,5 @@ def test_S2_one_prefill_per_sample_and_the_decode_time_does_not_include_it(base,
     out = capsys.readouterr().out
     assert prefills == [3, 3]  # once per sample (each was run twice before, once alone to time it)
     # 2 samples x 9 decode steps (the 10th token is sampled, never fed back) x 0.25 s; the prefills' 2 x 5 s apart
-    assert "decode: 20 tokens in 4.500 s, 4.4 tokens/s (with the KV cache; the prefill of the 3-token prompt took " \
-           "10.000 s in all, not counted)" in out, out
+    assert "decode: 18 tokens in 4.500 s, 4.0 tokens/s (with the KV cache; the prefill of the 3-token prompt and " \
+           "the first new token took 10.000 s in all, not counted)" in out, out

@@ -64,7 +64,7 @@ def test_prints_samples_speed_and_levels(ckpt, tmp_path, monkeypatch, capsys):
     assert out.count(SEP) == 2
     samples = out.split(SEP)[:2]
     assert all('def main(' in s for s in samples)
-    assert re.search(r"^decode: 40 tokens in \d+\.\d+ s, \d+\.\d tokens/s \(with the KV cache", out, re.M)
+    assert re.search(r"^decode: 38 tokens in \d+\.\d+ s, \d+\.\d tokens/s \(with the KV cache", out, re.M)
     percents = level_percents(out)
     assert len(percents) == 2 and percents[1] <= percents[0]  # nested: entering level 2 means entering level 1
     assert re.search(r"^level 2: .* \(\d+\.\d% of those that reached it\)$", out, re.M)
@@ -185,6 +185,9 @@ def test_diagnose_drift_steps_report_the_cut_that_moved_the_running_offset(tmp_p
         assert drift['offset_moved'] == pytest.approx(0.05 * drift['cut_mean'] * 6, rel=1e-4, abs=1e-7)
     monkeypatch.setattr(sys, 'argv', argv[:-1] + ['--balancer=centered'])
     with pytest.raises(SystemExit, match=r"^--balancer must be 'spec', 'centred' or 'strong'"):
+        runpy.run_path(os.path.join(HERE, 'diagnose.py'), run_name='__main__')
+    monkeypatch.setattr(sys, 'argv', argv[:3] + ['--rows=0'])  # was a traceback (torch.cat of no scores)
+    with pytest.raises(SystemExit, match=r"^--rows must be at least 1 \(val crops to score\), got 0$"):
         runpy.run_path(os.path.join(HERE, 'diagnose.py'), run_name='__main__')
     monkeypatch.setattr(sys, 'argv', argv)
     del checkpoint['optimizer']

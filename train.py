@@ -1,17 +1,19 @@
 """
 Train SUBLLM, or its LLaMA baseline, on the token files that prepare.py writes. One script for a CPU, one GPU
-or many GPUs (DDP).
+or many GPUs, on one machine or several: DDP, or FSDP with --fsdp=True (distributed.py, docs/distributed.md).
 
     python prepare.py --tokenizer=byte && python train.py config/tiny_cpu.py     # a few minutes on a laptop CPU
     python train.py config/tiny_cpu.py --structure=TTTTTTTTTT                    # same blocks, no levels: LLaMA
     python train.py config/gpu_subllm_250m.py                                    # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/gpu_subllm_250m.py  # 8 GPUs on one node
+    torchrun --standalone --nproc_per_node=8 train.py config/gpu_subllm_250m.py --fsdp=True   # sharded over them
     python train.py config/tiny_cpu.py --init_from=resume                        # continue from out_dir/ckpt.pt
     python train.py config/grow_tli_copy_zero.py                                 # 1.5x deeper copy of a trained model
 
 Every global in the first section is a setting. A config file (python that assigns some of them) overrides the
 defaults, then --key=value flags override both; `python train.py --help` lists them all. out_dir gets log.jsonl (a
-JSON record per eval), ckpt.pt (everything to resume or to sample) and ckpt_prev.pt (the one before it): run_dir.py.
+JSON record per eval), ckpt.pt (everything to resume or to sample; --fsdp=True: ckpt.dcp/, a file per rank) and
+ckpt_prev.pt (the one before it): run_dir.py.
 SIGTERM or SIGUSR1 (a preemption) saves ckpt.pt at the end of the iteration and exits 0: --init_from=resume goes on.
 """
 import gc
@@ -99,6 +101,8 @@ min_lr = 1e-4
 device = 'auto'                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'                  # 'auto' (bfloat16 if the GPU has it, else float16; float32 on CPU) or one of those
 compile = True                  # torch.compile on CUDA; on CPU only when given explicitly (it takes minutes there)
+fsdp = False                    # True: FSDP2 shards weights, gradients and AdamW state over the processes (1/N each),
+                                # bf16 compute by policy, sharded checkpoints ckpt.dcp/ that resume at any N
 seed = 1337                     # initial weights, training batches, dropout
 eval_seed = 1337                # the eval batches: kept apart from seed, so that runs of any seed are scored alike
 # Evolving Subnetwork Training (EST, arXiv 2406.06962; est.py): each step trains a random sub-network, in 3 stages
@@ -144,21 +148,21 @@ if est and not all(0 < p <= 1 for p in (est_p_heads, est_p_units, est_p_layers))
                      f"{est_p_units} and {est_p_layers}")
 # -----------------------------------------------------------------------------
 
-# device, precision and DDP (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)
+# device, precision and DDP or FSDP (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)
 device, device_type, dtype = resolve_device(device, dtype)  # 'auto' resolved, and checked against this machine
-ranks = Ranks(device, device_type)  # this process among torchrun's (distributed.py)
+ranks = Ranks(device, device_type, fsdp, dtype)  # this process among torchrun's (distributed.py)
 ddp, ddp_rank, ddp_world_size, master_process = ranks.ddp, ranks.rank, ranks.world_size, ranks.master
 device = ranks.device  # under DDP on GPUs: this rank's, cuda:LOCAL_RANK
 gradient_accumulation_steps = ranks.share(gradient_accumulation_steps)  # micro-steps per process
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 
-torch.manual_seed(seed + ddp_rank)  # per-rank seeds; DDP copies rank 0's initial weights to every rank
+torch.manual_seed(seed)  # the initial weights, the same on every rank (FSDP shards them; DDP copies rank 0's)
 np.random.seed(seed + ddp_rank)
 random.seed(seed + ddp_rank)
 train_gen = torch.Generator().manual_seed(seed + ddp_rank)  # picks this rank's training crops; saved for resume
 torch.set_float32_matmul_precision('high')  # TF32 matmuls on Ampere and newer
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+ctx = nullcontext() if dtype == 'float32' or fsdp else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 # data: flat arrays of token ids, described by meta.json: train.bin and val.bin, or the shards that meta.json lists
 data_path = os.path.join(data_dir, dataset)
@@ -187,14 +191,14 @@ def get_batch(split, generator):
 
 # model: from scratch, from out_dir/ckpt.pt (ckpt_prev.pt if ckpt.pt is damaged), or grown from another run's
 run = RunDir(out_dir, wandb_init=dict(project=wandb_project, name=wandb_run_name or None, config=config) if wandb_log
-             else None)  # out_dir's life, and with --wandb_log=True the same records on wandb (run_dir.py)
+             else None, sharded=fsdp)  # out_dir's life, and with --wandb_log=True the same records on wandb
 say = print if master_process else lambda line: None
 iter_num, best_val_loss, train_seconds = 0, float('inf'), 0.0
 checkpoint = None
 if init_from == 'resume':
     checkpoint, path = run.load(('model', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'config',
                                  'rng', 'train_seconds'), config, say=say)
-    model = model_from(checkpoint, path)  # the model's shape comes from the checkpoint, everything else from this run
+    model = model_from(checkpoint, path)  # its shape from the checkpoint (--fsdp: its weights after sharding, restore)
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     train_seconds = checkpoint['train_seconds']
 elif init_from == 'grow':  # a new run at iter 0, from a deeper copy of grow_from's model (grow.py)
@@ -209,13 +213,14 @@ else:
         model = SubLLM(SubLLMConfig(**model_args))
     except (TypeError, ValueError) as e:
         raise SystemExit(f"bad model settings: {e}") from None
+if ddp_rank:  # dropout, the Balancer's coin flips: each rank its own (rank 0 goes on from seed, as one process does)
+    torch.manual_seed(seed + ddp_rank)
 vocab_size = model.config.vocab_size
 if meta['vocab_size'] > vocab_size:  # (a model from scratch always fits)
     raise SystemExit(f"the data's vocab ({meta['vocab_size']}) is larger than the model's ({vocab_size}): "
                      f"--init_from={init_from} needs the dataset that model was trained on")
 if block_size > model.config.block_size:
     raise SystemExit(f"block_size={block_size} is longer than the checkpoint model's ({model.config.block_size})")
-model.to(device)
 levels = model.levels()  # empty for the LLaMA baseline
 use_compile = compile and (device_type == 'cuda' or 'compile' in user_keys)
 if master_process:
@@ -224,34 +229,22 @@ if master_process:
     print(model.describe())
     print(f"tokens per iteration: {tokens_per_iter:,} = {ddp_world_size} process(es) x {gradient_accumulation_steps} "
           f"accumulation x {batch_size} batch x {block_size} block")
-
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # fp16 needs loss scaling; bf16 does not
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-# a resumed run: the optimizer, and this process's own state; resumed_at: the iter whose eval the checkpoint holds
-resumed_at = None if checkpoint is None else restore(checkpoint, path, optimizer, scaler, ddp_rank, ddp_world_size,
-                                                    train_gen, device_type == 'cuda', levels, seed, say)
-
-raw_model = model  # the plain module: evals, checkpoints, set_step and MFU use it
-if use_compile:
-    say("compiling the model (the first iteration takes a minute or so)")
-    try:
-        if est:  # each block on its own: EST's skipped blocks stay Python between the graphs, no recompile per step
-            if not hasattr(torch.compiler, 'set_stance'):
-                raise SystemExit("--est=True with torch.compile needs torch 2.6 or newer: upgrade torch, or run with "
-                                 "--compile=False")
-            for block in raw_model.blocks():
-                block.compile()
-        else:
-            model = torch.compile(model)
-    except RuntimeError as e:  # e.g. a Python version that this torch's compiler does not support yet
-        raise SystemExit(f"torch.compile failed ({str(e).strip().splitlines()[0]}): run with --compile=False") from None
-if est and 'R' in raw_model.config.structure:
+if est and 'R' in model.config.structure:
     raise SystemExit("--est=True does not support recurrent blocks ('R' in the structure): train it without est")
 
+raw_model = model  # the plain module (under FSDP sharded in place): evals, checkpoints, set_step and MFU use it
+if use_compile:
+    say("compiling the model (the first iteration takes a minute or so)")
+model = ranks.wrap(model, use_compile, est)  # on the device, compiled, and DDP or FSDP under torchrun (distributed.py)
+say(ranks.state_line(raw_model))  # the bytes each rank holds: 1/N of them under FSDP
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # fp16 needs loss scaling; bf16 does not
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+# a resumed run: the optimizer, and this process's own state; resumed_at: the iter whose eval the checkpoint holds
+resumed_at = None if checkpoint is None else restore(checkpoint, path, raw_model, optimizer, scaler, ddp_rank,
+                                                    ddp_world_size, train_gen, device_type == 'cuda', levels, seed, say)
 
 # out_dir: one run at a time, and not over another run's checkpoint (run_dir.py); rank 0 tells the others below
 refusal = run.claim(init_from == 'resume', overwrite) if master_process and not eval_only else None  # see leave_if
-model = ranks.wrap(model, find_unused_parameters=est)  # DDP under torchrun (EST: some blocks get no gradient)
 
 
 def leave(message=None):
@@ -303,7 +296,7 @@ def calibrate_cuts():
     before = [level.score_offset.item() for level in levels]
     with ctx:
         raw_model.calibrate_cuts([get_batch('train', generator)[0] for _ in range(eval_iters)])
-    print(f"running cuts calibrated in eval mode on {eval_iters} train batches: " + ', '.join(
+    say(f"running cuts calibrated in eval mode on {eval_iters} train batches: " + ', '.join(
         f"d{level.depth} {b:+.3f} -> {level.score_offset.item():+.3f}" for level, b in zip(levels, before)))
 
 
@@ -345,21 +338,22 @@ def estimate_loss():
     return out
 
 
-if est and use_compile:  # the blocks are compiled in place: keep evals eager, as raw_model's are without EST
+if (est or fsdp) and use_compile:  # the blocks are compiled in place: evals eager, as raw_model's are otherwise
     estimate_loss = torch.compiler.set_stance('force_eager')(estimate_loss)
     calibrate_cuts = torch.compiler.set_stance('force_eager')(calibrate_cuts)
 
 
 def save_checkpoint(save=True, **extra):
     """Everything to resume the run from here, or to sample from it, with every rank's own state (every rank calls
-    it), saved by rank 0 if save. Returns rank 0's problem (a full disk), or None."""
+    it), if rank 0's save says so: rank 0 writes it, or under FSDP every rank its shards. Returns the problem (a full
+    disk), or None."""
     rng_states = ranks.gather(rng_state(train_gen, device_type == 'cuda', levels))  # each rank resumes exactly
-    if not (master_process and save):
+    if not ranks.from_master(save):
         return None
-    return run.save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                     'scaler': scaler.state_dict(), 'model_args': asdict(raw_model.config), 'iter_num': iter_num,
-                     'best_val_loss': best_val_loss, 'config': config, 'meta': meta, 'rng': rng_states,
-                     'train_seconds': train_seconds, 'flops': flops_spent, **extra})
+    state = {'scaler': scaler.state_dict(), 'model_args': asdict(raw_model.config), 'iter_num': iter_num,
+             'best_val_loss': best_val_loss, 'config': config, 'meta': meta, 'rng': rng_states,
+             'train_seconds': train_seconds, 'flops': flops_spent, **extra}  # and the model's and optimizer's
+    return run.save(state, raw_model, optimizer, master_process)
 
 
 # logging: a resumed run keeps the log's records up to its checkpoint; a new run starts an empty log
@@ -380,13 +374,13 @@ while True:
 
     if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at):
         stop = save = None  # rank 0's: why the run stops (a loss that is not finite, a full disk), and whether to save
+        if device_type == 'cuda':
+            torch.cuda.synchronize()
+        train_seconds += time.time() - t_train
+        if levels and iter_num == max_iters and not eval_only and raw_model.config.running_cut != 'off':
+            calibrate_cuts()
+        losses = estimate_loss()  # every rank (FSDP needs them all in each forward); rank 0's numbers are the run's
         if master_process:
-            if device_type == 'cuda':
-                torch.cuda.synchronize()
-            train_seconds += time.time() - t_train
-            if levels and iter_num == max_iters and not eval_only and raw_model.config.running_cut != 'off':
-                calibrate_cuts()
-            losses = estimate_loss()
             line = f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
             if levels:
                 line += (f", val loss with {raw_model.config.selection} selection "
@@ -424,9 +418,7 @@ while True:
     try:
         for micro_step in range(gradient_accumulation_steps):
             X, Y = get_batch('train', train_gen)
-            if ddp:
-                # sync gradients only at the last micro-step; set before the forward, which prepares the reduction
-                model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+            ranks.sync_gradients(model, micro_step == gradient_accumulation_steps - 1)  # only at the last micro-step
             with ctx:
                 logits, loss = model(X, Y)
                 loss = loss / gradient_accumulation_steps  # the gradients add up over micro-steps: average them
