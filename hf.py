@@ -323,8 +323,11 @@ def from_hf_run(config, meta, data_path, say=print):
     recipe = {f.name: config[f.name] for f in fields(SubLLMConfig) if f.name not in ARCHITECTURE and f.name in config}
     model = from_hf(directory, **recipe)
     if meta['vocab_size'] > model.config.vocab_size:
+        has_json = os.path.exists(os.path.join(directory, 'tokenizer.json'))
         raise SystemExit(f"the data's vocab ({meta['vocab_size']}, {meta['tokenizer']}) is larger than the model's "
-                         f"({model.config.vocab_size}): prepare the data with --tokenizer=hf:{directory}")
+                         f"({model.config.vocab_size}): prepare the data with " + (
+                             f"--tokenizer=hf:{directory}" if has_json else
+                             f"the tokenizer the model was trained on ({directory} has no tokenizer.json)"))
     c = model.config
     say(f"from {directory}: {len(model.blocks())} blocks, n_embd {c.n_embd}, n_head {c.n_head}, n_kv_head "
         f"{c.n_kv_head}, ffn_hidden {c.ffn_hidden}, vocab {c.vocab_size}, block_size {c.block_size} (config.json's; "

@@ -225,7 +225,9 @@ def test_train_py_init_from_hf_trains_a_subllm_made_from_a_llama_resumes_and_sam
     assert sampled['model'].config.rope_scaling is not None
     for args, message in [(['--hf_model='], r"--init_from=hf needs --hf_model=DIR"),
                           (['--hf_init=zeros'], r"--hf_init must be one of scratch, c1, fitted"),
-                          (['--structure=T(TT)TT'], r"must place the model's 4 blocks")]:
+                          (['--structure=T(TT)TT'], r"must place the model's 4 blocks"),
+                          (make_data(tmp_path / 'wide', vocab=300), r"the data's vocab \(300, byte\) is larger than "
+                           r"the model's \(256\): prepare the data with the tokenizer the model was trained on")]:
         with pytest.raises(SystemExit, match=message):
             run(monkeypatch, 'train.py', *flags, f'--out_dir={tmp_path / "other"}', *args)
 
