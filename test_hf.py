@@ -6,7 +6,6 @@ tokenizer. transformers is imported once for the module (CI installs it; skipped
 """
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import hf  # noqa: E402
 from generate import generate  # noqa: E402
 from hf import from_hf, init_levels, llama_updates, to_hf  # noqa: E402
+from test_grow import run  # noqa: E402
+from test_train import read_log  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LLAMA3 = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
@@ -195,15 +196,6 @@ def make_data(root, vocab=256, tokens=33):
     ids.tofile(d / 'val.bin')
     (d / 'meta.json').write_text(json.dumps(dict(tokenizer='byte', vocab_size=vocab, dtype='uint16')))
     return [f'--data_dir={root}', '--dataset=tiny']
-
-
-def run(monkeypatch, script, *args):
-    monkeypatch.setattr(sys, 'argv', [script, *args])
-    return runpy.run_path(os.path.join(HERE, script), run_name='__main__')
-
-
-def read_log(out):
-    return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
 
 
 def test_train_py_init_from_hf_trains_a_subllm_made_from_a_llama_resumes_and_samples(tmp_path, monkeypatch):
