@@ -119,7 +119,13 @@ def est_stage(it, max_iters, stage1_end, stage2_end):
 
 
 def est_plan(max_iters, stage1_end, stage2_end, p_heads, p_units, p_layers):
-    """The stages of a run of max_iters, in one line."""
+    """The stages of a run of max_iters, in one line; settings out of range are one line too (SystemExit)."""
+    if not 0 <= stage1_end <= stage2_end <= 1:
+        raise SystemExit(f"EST stages need 0 <= est_stage1_end <= est_stage2_end <= 1, got {stage1_end} and "
+                         f"{stage2_end} (fractions of max_iters)")
+    if not all(0 < p <= 1 for p in (p_heads, p_units, p_layers)):
+        raise SystemExit(f"est_p_heads, est_p_units and est_p_layers must be in (0, 1], got {p_heads}, {p_units} "
+                         f"and {p_layers}")
     stage1, stage2 = math.ceil(stage1_end * max_iters), math.ceil(stage2_end * max_iters)
     return (f"EST: stage 1 iters [0, {stage1}) with heads x{p_heads:g}, units x{p_units:g}, blocks x{p_layers:g}; "
             f"stage 2 [{stage1}, {stage2}) all blocks; stage 3 [{stage2}, {max_iters}) full model")

@@ -138,8 +138,9 @@ class Decoder:
                     attn.kv_cache = KVCache(batch_size, capacity, attn.n_kv_head, attn.head_dim, self.dtype,
                                             param.device)
                     self.caches[stack].append(attn.kv_cache)
+        self.static = bool(compiled)  # updated in place: a CUDA graph reads the lengths and caches where they are
         for t in [*self.lens.values(), *(c for caches in self.caches.values() for kv in caches for c in (kv.k, kv.v))]:
-            torch._dynamo.mark_static_address(t)  # updated in place: a CUDA graph reads them where they are
+            self.mark_static(t)
         if compiled and any(isinstance(layer, RecurrentBlock) for layer in model.stack.layers):
             raise ValueError("compiled decoding does not support recurrent blocks ('R' in the structure): decode "
                              "this model without compile")
@@ -179,13 +180,17 @@ class Decoder:
             capacity = self.capacity(stack, need, last + 1)
             for kv in self.caches[stack]:
                 kv.grow(capacity)
-                torch._dynamo.mark_static_address(kv.k)
-                torch._dynamo.mark_static_address(kv.v)
+                self.mark_static(kv.k), self.mark_static(kv.v)
         return K, bucket(entering, rows)
+
+    def mark_static(self, t):
+        if self.static:  # compiled only: importing dynamo costs an eager process seconds
+            torch._dynamo.mark_static_address(t)
 
     def cache_bytes(self):
         """Bytes the KV caches hold now."""
-        return sum(t.numel() * t.element_size() for caches in self.caches.values() for kv in caches for t in (kv.k, kv.v))
+        return sum(t.numel() * t.element_size()
+                   for caches in self.caches.values() for kv in caches for t in (kv.k, kv.v))
 
     def close(self):
         """Free the caches (the model decodes no more, or starts again with a new Decoder)."""
@@ -260,8 +265,8 @@ def enter_level(decoder, level, f, K, size, weights, counts, rope):
         index, short = None, open_stack(decoder, level.inner, x, pos, weights > 0, rows, rope)
     else:  # weights as the scores: the same selection, and weights = clamp(s, 0, 1) for the kept tokens
         index, weights, inner_valid, _ = subsample_threshold(weights, None, K)  # (b, K)
-        short = open_stack(decoder, level.inner, gather_tokens(x, index), gather_tokens(pos.expand(x.size(0), -1),
-                                                                                          index), inner_valid, rows, rope)
+        x_short, pos_short = gather_tokens(x, index), gather_tokens(pos.expand(x.size(0), -1), index)
+        short = open_stack(decoder, level.inner, x_short, pos_short, inner_valid, rows, rope)
     return dict(short, x_in=x, order=order, index=index, weights=weights)
 
 

@@ -9,6 +9,8 @@ every token, keeps a subset (subsample), runs its blocks on the short sequence, 
 block (recurrent.py), at the top level only.
 """
 import math
+import os
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,8 +20,12 @@ from torch.nn import functional as F
 from recurrent import RecurrentBlock  # structure character 'R': one block applied over windows of tokens
 
 # torch.compile: a number read from a tensor (.item(): the eval forward's short length, subsample_eval) stays in the
-# graph as a size unknown until run time, instead of ending the graph there and recompiling for each new value
-torch._dynamo.config.capture_scalar_outputs = True
+# graph as a size unknown until run time, instead of ending the graph there and recompiling for each new value. Set
+# through dynamo's environment variable where dynamo is not imported yet: importing it costs seconds, in every process
+if 'torch._dynamo' in sys.modules:
+    torch._dynamo.config.capture_scalar_outputs = True
+else:
+    os.environ['TORCHDYNAMO_CAPTURE_SCALAR_OUTPUTS'] = '1'
 
 
 @dataclass
@@ -452,7 +458,8 @@ class Level(nn.Module):
                                                                             self.training_length(x.size(1)))
             real = torch.ones_like(selected) if valid is None else valid
             positive = (scores > 0) & real
-            self.stats[2:] += torch.stack([real.sum(), ((selected == positive) & real).sum(), (positive & ~selected).sum()])
+            agree, missed = ((selected == positive) & real).sum(), (positive & ~selected).sum()
+            self.stats[2:] += torch.stack([real.sum(), agree, missed])
         else:  # eval: `score > 0`, token by token
             index, weights, inner_valid = subsample_eval(scores, valid)
             self.stats[0] += x.size(0) * x.size(1) if valid is None else valid.sum()

@@ -234,6 +234,17 @@ def read_log(path, fields=(('iter', int),)):
 # each process's own state in a checkpoint (its 'rng'): restoring it makes a resumed run repeat the uninterrupted one
 # exactly, under DDP too
 
+def eval_line(it, losses, levels, selection):
+    """An eval's line: both losses, and for SUBLLM the val loss with training's selection and, per level, the
+    fractions kept, agreeing and dropped, and kept on train text (train.py's estimate_loss)."""
+    line = f"step {it}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
+    if levels:
+        line += f", val loss with {selection} selection {losses['val_loss_train_selection']:.4f}"
+        for name in ('kept', 'agree', 'dropped', 'kept_train'):
+            line += f", {name} " + ' '.join(f"d{level.depth} {v:.3f}" for level, v in zip(levels, losses[name]))
+    return line
+
+
 def rng_state(batches, cuda, levels=()):
     """This process's random states: torch's, CUDA's (if cuda), numpy's, Python's, and batches (the generator that
     picks its training crops); and its levels' score offsets: a running statistic that each DDP rank keeps for

@@ -81,25 +81,35 @@ def now():
     return time.perf_counter()
 
 
+def graphs_compiled():
+    return torch._dynamo.utils.counters['stats']['unique_graphs'] if compile else 0
+
+
 @torch.no_grad()
 def generate_timed(x):
     """One sample, as generate.generate makes it, timed: the prefill (the prompt, and the first new token) and the
-    decode steps. The level counters are read and reset after the prefill. Returns the tokens, the two times and
-    the prompt's level counts."""
+    decode steps, less the steps that compiled a graph (seconds each: compiling, not decoding; their host time, which
+    compiling dominates, so that no step waits for the GPU). The level counters are read and reset after the
+    prefill. Returns the tokens, the prefill, decode and compile times, the compiling steps and the prompt's counts."""
     decoder = Decoder(model, 1, x.size(1) + max_new_tokens - 1, compile) if use_cache else None
     try:
         t0 = now()
         tokens = [x, sample(decoder(x)[0] if use_cache else model(x)[0], temperature, top_k or None)]
         t_prefill, prompt_stats = now(), model.level_stats()
         model.reset_level_stats()
+        t_compile, n_compiling = 0.0, 0
         for _ in range(max_new_tokens - 1):
+            graphs, t = graphs_compiled(), time.perf_counter()
             tokens.append(decode_one_token(decoder, tokens[-1], temperature, top_k or None) if use_cache else
                           sample(model(torch.cat(tokens, dim=1))[0], temperature, top_k or None))
+            if graphs_compiled() > graphs:
+                t_compile, n_compiling = t_compile + time.perf_counter() - t, n_compiling + 1
         t_end = now()
     finally:
         if use_cache:
             decoder.close()
-    return torch.cat(tokens, dim=1), t_prefill - t0, t_end - t_prefill, prompt_stats
+    return torch.cat(tokens, dim=1), (t_prefill - t0, t_end - t_prefill - t_compile, t_compile, n_compiling), \
+        prompt_stats
 
 
 # The level fractions count generated tokens only. With the cache, the counters are reset when the prefill returns,
@@ -110,13 +120,13 @@ def generate_timed(x):
 # decode takes the same decisions: model.py's tests check it).
 n_levels = len(model.level_stats())
 offered, entered = [0] * n_levels, [0] * n_levels  # per level: generated tokens that reached it / that entered it
-prefill_time = decode_time = 0.0
+times = [0.0, 0.0, 0.0, 0]  # prefill, decode, compile seconds; decode steps that compiled
 try:
     with torch.no_grad(), ctx:
         for _ in range(num_samples):
             model.reset_level_stats()
-            y, t_prefill, t_decode, prompt_stats = generate_timed(x)
-            prefill_time, decode_time = prefill_time + t_prefill, decode_time + t_decode
+            y, sample_times, prompt_stats = generate_timed(x)
+            times = [a + b for a, b in zip(times, sample_times)]
             stats = model.level_stats()
             if not use_cache:
                 model.reset_level_stats()
@@ -136,10 +146,12 @@ except Exception as e:
                      f"run with --compile=False") from None
 
 n_fed = num_samples * (max_new_tokens - 1)  # decode steps: generated tokens that went through the model (see above)
-speed = f"{n_fed / decode_time:.1f} tokens/s" if decode_time > 0 else "too fast to time"
-print(f"decode: {n_fed} tokens in {decode_time:.3f} s, {speed} ({'with' if use_cache else 'without'} the KV cache"
-      f"{', compiled' if compile else ''}; the prefill of the {len(start_ids)}-token prompt and the first new token "
-      f"took {prefill_time:.3f} s in all, not counted)")
+prefill_time, decode_time, compile_time, n_compiling = times
+speed = f"{(n_fed - n_compiling) / decode_time:.1f} tokens/s" if decode_time > 0 else "too fast to time"
+compiling = f"; the {n_compiling} steps that compiled graphs took {compile_time:.3f} s, not counted" if compile else ""
+print(f"decode: {n_fed - n_compiling} tokens in {decode_time:.3f} s, {speed} ({'with' if use_cache else 'without'} "
+      f"the KV cache{', compiled' if compile else ''}; the prefill of the {len(start_ids)}-token prompt and the first "
+      f"new token took {prefill_time:.3f} s in all, not counted{compiling})")
 if n_fed == 0:
     print("no level fractions: with max_new_tokens=1 no generated token goes through the model")
 for i, (depth, _, _) in enumerate(model.level_stats() if n_fed else []):

@@ -512,3 +512,28 @@ def test_S2_one_prefill_per_sample_and_the_decode_time_does_not_include_it(base,
     # 2 samples x 9 decode steps (the 10th token is sampled, never fed back) x 0.25 s; the prefills' 2 x 5 s apart
     assert "decode: 18 tokens in 4.500 s, 4.0 tokens/s (with the KV cache; the prefill of the 3-token prompt and " \
            "the first new token took 10.000 s in all, not counted)" in out, out
+
+
+def test_S3_compiled_decode_steps_that_compile_a_graph_are_not_counted_as_decoding(base, monkeypatch, capsys):
+    """sample.py --compile=True: a step that compiles a graph takes seconds (minutes with inductor on a CPU); the
+    decode speed leaves those steps out and says how many there were and how long they took."""
+    import generate
+    from generate import Decoder
+    original, clock, steps = Decoder.__call__, [1000.0], [0]
+    counters = torch._dynamo.utils.counters['stats']
+
+    def timed_chunk(self, idx, targets=None):  # the first sample's first 2 steps compile a graph: 30 s each
+        if idx.size(1) == 1:
+            steps[0] += 1
+            counters['unique_graphs'] += steps[0] <= 2
+        clock[0] += 5.0 if idx.size(1) > 1 else 30.0 if steps[0] <= 2 else 0.25
+        return original(self, idx, targets)
+    monkeypatch.setattr(Decoder, '__call__', timed_chunk)
+    monkeypatch.setattr(generate, 'compiled_segment', lambda device_type, backend='inductor': generate.segment)
+    monkeypatch.setattr(time, 'perf_counter', lambda: clock[0])
+    monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={BASE / "trained"}', '--device=cpu', '--start=abc',
+                                      '--num_samples=2', '--max_new_tokens=10', '--compile=True'])
+    runpy.run_path(str(HERE / 'sample.py'), run_name='__main__')
+    assert "decode: 16 tokens in 4.000 s, 4.0 tokens/s (with the KV cache, compiled; the prefill of the 3-token " \
+           "prompt and the first new token took 10.000 s in all, not counted; the 2 steps that compiled graphs took " \
+           "60.000 s, not counted)" in capsys.readouterr().out

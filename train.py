@@ -36,7 +36,7 @@ from flops import estimate_mfu, forward_flops
 from grow import grow_checkpoint
 from hf import from_hf_run
 from model import SubLLMConfig, SubLLM
-from run_dir import RunDir, model_from, restore, rng_state
+from run_dir import RunDir, eval_line, model_from, restore, rng_state
 
 # -----------------------------------------------------------------------------
 # default settings: a small SUBLLM on the default corpus
@@ -140,12 +140,7 @@ for k, choices in dict(init_from=('scratch', 'resume', 'grow', 'hf'), dtype=('au
 if init_from == 'grow' and grow_from and os.path.abspath(grow_from) == os.path.abspath(out_dir):
     raise SystemExit(f"out_dir and grow_from are both {out_dir!r}: give the grown run its own --out_dir, or its "
                      f"checkpoints would overwrite the model it grows from")
-if est and not 0 <= est_stage1_end <= est_stage2_end <= 1:
-    raise SystemExit(f"EST stages need 0 <= est_stage1_end <= est_stage2_end <= 1, got {est_stage1_end} and "
-                     f"{est_stage2_end} (fractions of max_iters)")
-if est and not all(0 < p <= 1 for p in (est_p_heads, est_p_units, est_p_layers)):
-    raise SystemExit(f"est_p_heads, est_p_units and est_p_layers must be in (0, 1], got {est_p_heads}, "
-                     f"{est_p_units} and {est_p_layers}")
+est_line = est_plan(max_iters, est_stage1_end, est_stage2_end, est_p_heads, est_p_units, est_p_layers) if est else ''
 # -----------------------------------------------------------------------------
 
 # device, precision and DDP or FSDP (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)
@@ -199,8 +194,7 @@ if init_from == 'resume':
     checkpoint, path = run.load(('model', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'config',
                                  'rng', 'train_seconds'), config, say=say)
     model = model_from(checkpoint, path)  # its shape from the checkpoint (--fsdp: its weights after sharding, restore)
-    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-    train_seconds = checkpoint['train_seconds']
+    iter_num, best_val_loss, train_seconds = (checkpoint[k] for k in ('iter_num', 'best_val_loss', 'train_seconds'))
 elif init_from == 'grow':  # a new run at iter 0, from a deeper copy of grow_from's model (grow.py)
     model = grow_checkpoint(grow_from, grow_method, grow_k, grow_init, grow_m, say=say)
 elif init_from == 'hf':  # a new run at iter 0 from a Hugging Face LLaMA, in this run's structure (hf.py)
@@ -273,7 +267,7 @@ checkpoint = None  # free the memory
 
 stage_at = partial(est_stage, max_iters=max_iters, stage1_end=est_stage1_end, stage2_end=est_stage2_end)  # 1, 2, 3
 if est:
-    say(est_plan(max_iters, est_stage1_end, est_stage2_end, est_p_heads, est_p_units, est_p_layers))
+    say(est_line)
 
 
 def get_lr(it):
@@ -381,13 +375,7 @@ while True:
             calibrate_cuts()
         losses = estimate_loss()  # every rank (FSDP needs them all in each forward); rank 0's numbers are the run's
         if master_process:
-            line = f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
-            if levels:
-                line += (f", val loss with {raw_model.config.selection} selection "
-                         f"{losses['val_loss_train_selection']:.4f}")
-                for name in ('kept', 'agree', 'dropped', 'kept_train'):
-                    line += f", {name} " + ' '.join(f"d{lv.depth} {v:.3f}" for lv, v in zip(levels, losses[name]))
-            print(line, flush=True)
+            print(eval_line(iter_num, losses, levels, raw_model.config.selection), flush=True)
             if not all(map(math.isfinite, [losses['train_loss'], losses['val_loss']])):
                 stop = (f"the eval loss is not finite at iter {iter_num}: stopping; the last good checkpoint (if "
                         f"any) is kept in {run.ckpt_path}; try a lower --learning_rate")
@@ -449,8 +437,7 @@ while True:
               + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else '')
               + (f", EST stage {stage_at(iter_num)}, {flops_spent:.3g} FLOPs spent "
                  f"({(iter_num + 1) * flops_per_iter_dense:.3g} dense)" if est else ''), flush=True)
-    iter_num += 1
-    local_iter_num += 1
+    iter_num, local_iter_num = iter_num + 1, local_iter_num + 1
     if ranks.any(run.preempted):  # SIGTERM or SIGUSR1 on any rank: every rank saves and leaves at this iteration
         train_seconds += time.time() - t_train
         leave_if(save_checkpoint(preempted=run.preempted or 'a signal to another rank',
