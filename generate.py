@@ -180,7 +180,8 @@ class Decoder:
             capacity = self.capacity(stack, need, last + 1)
             for kv in self.caches[stack]:
                 kv.grow(capacity)
-                self.mark_static(kv.k), self.mark_static(kv.v)
+                self.mark_static(kv.k)
+                self.mark_static(kv.v)
         return K, bucket(entering, rows)
 
     def mark_static(self, t):
