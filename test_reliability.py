@@ -277,7 +277,7 @@ CASES = [
     Sibling('T-n_head', ['train', *TINY, '--n_head=0'], r"^--n_head must be at least 1, got 0$"),
     Sibling('T-device', ['train', *TINY, '--device=gpu'], r"^--device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'$"),
     Sibling('T-init_from', ['train', *TINY, '--init_from=restart'],
-         r"^--init_from must be one of scratch, resume, grow, got 'restart'$"),
+         r"^--init_from must be one of scratch, resume, grow, hf, got 'restart'$"),
     Sibling('T-out_dir-empty', ['train', *TINY, '--out_dir='], r"^--out_dir is empty"),
     # --- siblings: files train.py reads and writes ---
     Sibling('T-config-missing', ['train', 'config/nope.py'], r"^config file 'config/nope.py' not found"),
