@@ -11,9 +11,9 @@ each level's inside) counts them per row on the device, updated in place, and ev
 one op over all rows (CacheContext). A chunk (a prompt, then one token per row per step) walks the model's decode
 program: blocks, level entries and exits, in the order a token meets them. At a level's entry the host reads, once,
 how many rows enter (Decoder.route): none, and the level is skipped (a batch-1 token whose score is not positive
-runs none of its blocks); otherwise its blocks run on the rows that enter, padded to a bucket of a few fixed sizes.
-The work between two reads is one segment: tensor code only, one graph when compiled (a CUDA graph on a GPU). The
-LLaMA baseline's step is one segment and no read.
+runs none of its blocks); otherwise its blocks run on the rows that enter (compiled: padded to a bucket of a few
+fixed sizes, for static shapes). The work between two reads is one segment: tensor code only, one graph when
+compiled (a CUDA graph on a GPU). The LLaMA baseline's step is one segment and no read.
 """
 import math
 from dataclasses import dataclass
@@ -65,10 +65,25 @@ class CacheContext:
         keys, values = attn.kv_cache.k.to(q.dtype), attn.kv_cache.v.to(q.dtype)  # (B, Hkv, capacity + 1, D)
         if self.rows.size(0) == keys.size(0):  # every cache row, in order
             return attn.attend(q, keys, values, self.mask)
+        if torch.compiler.is_compiling():  # compiled: one fused loop reads the b rows' caches where they are
+            return attend_rows(q, keys, values, self.mask, self.rows)
         # Some rows (those entering a level): attention over all B rows' caches, the other rows' queries zero.
         # Copying the b rows' caches out would read them three times; this reads B rows once (b >= 0.4 B mostly)
         q_all = q.new_zeros(keys.size(0), *q.shape[1:]).index_copy(0, self.rows, q)
         return attn.attend(q_all, keys, values, self.mask).index_select(0, self.rows)
+
+
+def attend_rows(q, keys, values, mask, rows):
+    """Attention of the queries q (b, H, K, D) of cache rows `rows` over those rows' caches keys, values (B, Hkv, L,
+    D), under mask (B, 1, K, L), written as products and sums that the compiler fuses into loops reading the rows'
+    caches in place (SDPA or a matmul would first copy them out). Eager, it would materialize the products: eager
+    decoding attends over all B rows instead (CacheContext.attend). fp32 scores and softmax, as SDPA's."""
+    (b, H, K, D), dtype, Hkv = q.shape, q.dtype, keys.size(1)
+    k, v = keys[rows].float()[:, :, None, None], values[rows].float()[:, :, None, None]  # (b, Hkv, 1, 1, L, D)
+    q = q.float().view(b, Hkv, H // Hkv, K, 1, D)                                        # grouped-query heads
+    scores = (q * k).sum(-1) * D ** -0.5 + mask[rows][:, :, None]                        # (b, Hkv, G, K, L)
+    y = (torch.softmax(scores, -1)[..., None] * v).sum(-2)                               # (b, Hkv, G, K, D)
+    return y.view(b, H, K, D).to(dtype)
 
 
 def cache_context(lens, capacity, dtype, K, valid, rows):
@@ -100,8 +115,8 @@ def decode_program(stack):
 
 
 def bucket(n, rows):
-    """Rows a level runs when n of its `rows` enter: n rounded up to a power of two up to 8, then to a multiple of
-    8, at most `rows` and at least 2 (a graph serves sizes >= 2; compiled, size 1 would be one more). A few sizes:
+    """Rows a compiled level runs when n of its `rows` enter: n rounded up to a power of two up to 8, then to a
+    multiple of 8, at most `rows` and at least 2 (a graph serves sizes >= 2; size 1 would be one more). A few sizes:
     one CUDA graph each."""
     return min(rows, max(2, 1 << (n - 1).bit_length() if n <= 8 else 8 * math.ceil(n / 8)))
 
@@ -139,6 +154,7 @@ class Decoder:
                                             param.device)
                     self.caches[stack].append(attn.kv_cache)
         self.static = bool(compiled)  # updated in place: a CUDA graph reads the lengths and caches where they are
+        self.buckets = bool(compiled)  # static shapes: a level runs its entering rows padded to a bucket size
         for t in [*self.lens.values(), *(c for caches in self.caches.values() for kv in caches for c in (kv.k, kv.v))]:
             self.mark_static(t)
         if compiled and any(isinstance(layer, RecurrentBlock) for layer in model.stack.layers):
@@ -173,7 +189,8 @@ class Decoder:
     def route(self, level, info, rows):
         """The one host read at a level: info (the most tokens a row brings, the rows that enter, the longest cache
         after, the last position). Returns K (0: no token enters) and how many of the `rows` reaching the level to
-        run (a bucket). Grows the level's caches first if a row needs more slots than they have."""
+        run (those that enter; compiled, a bucket). Grows the level's caches first if a row needs more slots than
+        they have."""
         K, entering, need, last = info.tolist()
         stack = level.inner
         if need > self.caches[stack][0].k.size(2) - 1:
@@ -182,7 +199,7 @@ class Decoder:
                 kv.grow(capacity)
                 self.mark_static(kv.k)
                 self.mark_static(kv.v)
-        return K, bucket(entering, rows)
+        return K, bucket(entering, rows) if self.buckets else entering
 
     def mark_static(self, t):
         if self.static:  # compiled only: importing dynamo costs an eager process seconds

@@ -983,12 +983,12 @@ def test_cached_decoding_equals_full_forward(case, B, chunks, record_property):
         assert entered.any() and not entered.all(), (depth, entered)
 
 
-@pytest.mark.parametrize("B", [4, 64])
-def test_batched_cached_decoding_runs_a_level_on_a_bucket_of_the_rows_that_enter(B, record_property):
+@pytest.mark.parametrize("B, buckets", [(4, False), (64, False), (64, True)], ids=['4', '64', '64-buckets'])
+def test_batched_cached_decoding_runs_a_level_on_the_rows_that_enter(B, buckets, record_property):
     """At batch 4 and 64 the rows' new tokens enter different levels at every step. A level runs its inner blocks
-    on the rows that enter, padded with rows that do not up to a bucket size (and not at all when none enters); a
-    row that skips leaves the level's cache as later steps read it (its length, and what it cached), and every
-    row's logits are those of its full forward."""
+    on the rows that enter (and not at all when none enters), with `buckets` (compiled decoding's static shapes)
+    padded with rows that do not up to a bucket size; a row that skips leaves the level's cache as later steps read
+    it (its length, and what it cached), and every row's logits are those of its full forward."""
     model = build(tiny(structure="T(T(TT)T)T", n_kv_head=2), seed=4, weight_scale=1.5).to(DEVICE).eval()
     control = ScoreControl(model, pin=PIN_MARGIN)
     steps = {lv.depth: [] for lv in model.levels()}  # per decode step: rows reaching the level, rows it ran
@@ -1001,6 +1001,7 @@ def test_batched_cached_decoding_runs_a_level_on_a_bucket_of_the_rows_that_enter
     with torch.no_grad(), precision():
         full = model(idx, idx)[0].float()
         decoder = Decoder(model, B, 24)
+        decoder.buckets = buckets
         logits = [decoder(idx[:, :8], idx[:, :8])[0].float()]  # the prefill
         model.reset_level_stats()
         for s in steps.values():
@@ -1025,9 +1026,9 @@ def test_batched_cached_decoding_runs_a_level_on_a_bucket_of_the_rows_that_enter
     assert (torch.cat(logits, dim=1) - full).abs().max() < LOGIT_TOL
     for depth in (1, 2):
         ran = [(rows, inner, real, n) for rows, inner, real, n in steps[depth]]
-        assert all(inner == (bucket(n, rows) if n else 0) for rows, inner, real, n in ran), ran
+        assert all(inner == ((bucket(n, rows) if buckets else n) if n else 0) for rows, inner, real, n in ran), ran
         assert any(0 < n < real for rows, inner, real, n in ran), ran  # some rows in, some out
-        assert B == 4 or any(n < inner < rows for rows, inner, real, n in ran), ran  # a bucket: padded, a subset
+        assert not buckets or any(n < inner < rows for rows, inner, real, n in ran), ran  # padded, a subset
     assert B == 64 or any(n == 0 for rows, inner, real, n in ran)  # steps where no row enters level 2
 
 
