@@ -437,7 +437,8 @@ while True:
               + (f", mfu {running_mfu * 100:.1f}%" if running_mfu >= 0 else '')
               + (f", EST stage {stage_at(iter_num)}, {flops_spent:.3g} FLOPs spent "
                  f"({(iter_num + 1) * flops_per_iter_dense:.3g} dense)" if est else ''), flush=True)
-    iter_num, local_iter_num = iter_num + 1, local_iter_num + 1
+    iter_num += 1
+    local_iter_num += 1
     if ranks.any(run.preempted):  # SIGTERM or SIGUSR1 on any rank: every rank saves and leaves at this iteration
         train_seconds += time.time() - t_train
         leave_if(save_checkpoint(preempted=run.preempted or 'a signal to another rank',
