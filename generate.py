@@ -8,14 +8,17 @@ step, the loop, and the compiled step. sample.py, eval.py and bench.py use it.
 How SUBLLM decodes. Every block keeps a KV cache, and a level's blocks cache only the tokens that entered it, at
 their original positions (RoPE), so a level's rows hold different numbers of tokens. Each stack (the model's, and
 each level's inside) counts them per row on the device, updated in place, and every cache write and attention is
-one op over all rows (CacheContext). A chunk (a prompt, then one token per row per step) walks the model's decode
-program: blocks, level entries and exits, in the order a token meets them. At a level's entry the host reads, once,
-how many rows enter (Decoder.route): none, and the level is skipped (a batch-1 token whose score is not positive
-runs none of its blocks); otherwise its blocks run on the rows that enter (compiled: padded to a bucket of a few
-fixed sizes, for static shapes). The work between two reads is one segment: tensor code only, one graph when
-compiled (a CUDA graph on a GPU). The LLaMA baseline's step is one segment and no read.
+one op over the rows (CacheContext), whatever their number; in a level, attention reads only the caches of the rows
+that enter (eager on a CPU: sparse matmuls, attend_sparse; compiled: fused loops, attend_rows). A chunk (a prompt,
+then one token per row per step) walks the model's decode program: blocks, level entries and exits, in the order a
+token meets them. At a level's entry the host reads, once, how many rows enter (Decoder.route): none, and the level
+is skipped (a batch-1 token whose score is not positive runs none of its blocks); otherwise its blocks run on the
+rows that enter (compiled: padded to a bucket of a few fixed sizes, for static shapes). The work between two reads
+is one segment: tensor code only, one graph when compiled (a CUDA graph on a GPU). The LLaMA baseline's step is one
+segment and no read.
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 from model import Level, RecurrentBlock, gather_tokens, subsample_threshold, upsample
 
+warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')  # attend_sparse's, once a process
 CACHE_SLACK = 0.1  # a level's caches hold the tokens expected to enter it, plus 10%; they grow if a row needs more
 
 
@@ -36,6 +40,11 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_head, capacity + 1, head_dim)
         self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.flat()
+
+    def flat(self):
+        """Views of the caches as a slot a row, (B * Hkv * (capacity + 1), D), keys transposed (attend_sparse)."""
+        self.k_flat_t, self.v_flat = self.k.view(-1, self.k.size(3)).t(), self.v.view(-1, self.v.size(3))
 
     def grow(self, capacity):
         """Room for `capacity` tokens per row: the cached slots copied into larger buffers."""
@@ -44,6 +53,7 @@ class KVCache(nn.Module):
             new = old.new_zeros(old.size(0), old.size(1), capacity + 1, old.size(3))
             new[:, :, :old.size(2) - 1] = old[:, :, :-1]
             setattr(self, name, new)
+        self.flat()
 
     def write(self, rows, slots, k, v):
         """k, v (b, Hkv, K, D) of cache rows `rows` (b,), at their slots (b, K)."""
@@ -57,20 +67,36 @@ class CacheContext:
     stack and chunk (cache_context). Attention.forward calls attend."""
     rows: torch.Tensor   # (b,) the cache rows of the chunk's rows
     slots: torch.Tensor  # (b, K) where each token's key and value go; padding: the scratch slot
-    mask: torch.Tensor   # (B, 1, K, capacity + 1) added to the scores: 0 where a query of cache row r sees a slot
+    mask: torch.Tensor   # (B, 1, K, capacity + 1) added to the scores: 0 where a query of cache row r sees a slot;
+                         # None where the pattern holds it
+    pattern: torch.Tensor = None  # eager on a CPU, some rows, a token each: the slots they read (sparse_pattern)
 
     def attend(self, attn, q, k, v):
         """Write the chunk's k, v (b, Hkv, K, D) into attn's cache, then its queries q (b, H, K, D) attend there."""
         attn.kv_cache.write(self.rows, self.slots, k, v)
+        if self.pattern is not None:
+            return attend_sparse(q, attn.kv_cache, self.pattern)
         keys, values = attn.kv_cache.k.to(q.dtype), attn.kv_cache.v.to(q.dtype)  # (B, Hkv, capacity + 1, D)
         if self.rows.size(0) == keys.size(0):  # every cache row, in order
             return attn.attend(q, keys, values, self.mask)
         if torch.compiler.is_compiling():  # compiled: one fused loop reads the b rows' caches where they are
             return attend_rows(q, keys, values, self.mask, self.rows)
-        # Some rows (those entering a level): attention over all B rows' caches, the other rows' queries zero.
-        # Copying the b rows' caches out would read them three times; this reads B rows once (b >= 0.4 B mostly)
+        # Some rows, otherwise (a prompt's; bf16 on a CPU; a GPU, eagerly): attention over all B rows' caches, the
+        # other rows' queries zero. Copying the b rows' caches out would read them three times; this reads B once
         q_all = q.new_zeros(keys.size(0), *q.shape[1:]).index_copy(0, self.rows, q)
         return attn.attend(q_all, keys, values, self.mask).index_select(0, self.rows)
+
+
+def attend_sparse(q, cache, pattern):
+    """Attention of one query per row, q (b, H, 1, D), over its row's slots of the cache, reading them where they
+    are (eager, on a CPU): pattern, a sparse (b * H, cache slots) CSR matrix, holds the slots each row and head
+    scores, with the mask as its values. A sampled matmul computes the scores there only (SDDMM), a softmax, and a
+    sparse matmul the weighted sum of the values: the other rows' caches are not read."""
+    b, H, _, D = q.shape
+    scores = torch.sparse.sampled_addmm(pattern, q.view(b * H, D), cache.k_flat_t, alpha=D ** -0.5)
+    weights = scores.values().view(b * H, -1)
+    weights.copy_(torch.softmax(weights, dim=-1))  # scores becomes the attention weights
+    return torch.mm(scores, cache.v_flat).view(b, H, 1, D)
 
 
 def attend_rows(q, keys, values, mask, rows):
@@ -86,13 +112,16 @@ def attend_rows(q, keys, values, mask, rows):
     return y.view(b, H, K, D).to(dtype)
 
 
-def cache_context(lens, capacity, dtype, K, valid, rows):
+def cache_context(lens, capacity, dtype, K, valid, rows, masked=True):
     """A chunk of K tokens per row for a stack whose rows have cached lens (B,) tokens (advanced in place here):
     valid (b, K) the real tokens (padding last; None: all of every row), rows (b,) their cache rows. Query i of cache
-    row r sees slots 0 .. lens[r] + i: what its row cached, and the chunk up to itself."""
+    row r sees slots 0 .. lens[r] + i: what its row cached, and the chunk up to itself (the mask, unless not
+    `masked`: attend_sparse's pattern holds it)."""
     last_seen = lens[:, None] + torch.arange(K, device=lens.device)             # (B, K)
-    unseen = torch.arange(capacity + 1, device=lens.device) > last_seen.view(-1, 1, K, 1)  # (B, 1, K, capacity + 1)
-    mask = torch.zeros(unseen.shape, dtype=dtype, device=lens.device).masked_fill(unseen, -math.inf)
+    mask = None
+    if masked:
+        unseen = torch.arange(capacity + 1, device=lens.device) > last_seen.view(-1, 1, K, 1)  # (B, 1, K, capacity+1)
+        mask = torch.zeros(unseen.shape, dtype=dtype, device=lens.device).masked_fill(unseen, -math.inf)
     slots = last_seen if rows.size(0) == lens.size(0) else last_seen.index_select(0, rows)  # (b, K)
     if valid is None:
         lens.add_(K)
@@ -153,6 +182,7 @@ class Decoder:
                     attn.kv_cache = KVCache(batch_size, capacity, attn.n_kv_head, attn.head_dim, self.dtype,
                                             param.device)
                     self.caches[stack].append(attn.kv_cache)
+        self.pattern_base = {}  # (heads, slots): attend_sparse's slots of each head in cache row 0 (sparse_pattern)
         self.static = bool(compiled)  # updated in place: a CUDA graph reads the lengths and caches where they are
         self.buckets = bool(compiled)  # static shapes: a level runs its entering rows padded to a bucket size
         for t in [*self.lens.values(), *(c for caches in self.caches.values() for kv in caches for c in (kv.k, kv.v))]:
@@ -187,11 +217,12 @@ class Decoder:
         return out
 
     def route(self, level, info, rows):
-        """The one host read at a level: info (the most tokens a row brings, the rows that enter, the longest cache
-        after, the last position). Returns K (0: no token enters) and how many of the `rows` reaching the level to
-        run (those that enter; compiled, a bucket). Grows the level's caches first if a row needs more slots than
-        they have."""
-        K, entering, need, last = info.tolist()
+        """The one host read at a level: info (the rows that enter, the longest cache after, and in a chunk of
+        several tokens a row the most a row brings). Returns K (0: no token enters) and how many of the `rows`
+        reaching the level to run (those that enter; compiled, a bucket). Grows the level's caches first if a row
+        needs more slots than they have."""
+        entering, need, *most = info.tolist()
+        K, last = most[0] if most else min(entering, 1), self.fed - 1  # the chunk's last position
         stack = level.inner
         if need > self.caches[stack][0].k.size(2) - 1:
             capacity = self.capacity(stack, need, last + 1)
@@ -239,7 +270,7 @@ def segment(decoder, start, frames, entry, chunk):
         elif kind == 'block' and isinstance(layer, RecurrentBlock):
             f['x'] = layer(f['x'], rope)
         elif kind == 'block':
-            f['x'] = layer(f['x'], f['cos'], f['sin'], CacheContext(f['rows'], f['slots'], f['mask']))
+            f['x'] = layer(f['x'], f['cos'], f['sin'], f['cache'])
         elif kind == 'enter' and i > start:  # score the chunk here, and stop: the host decides the way on
             return frames, i, score_chunk(decoder, layer, f)
         elif kind == 'enter':
@@ -250,11 +281,37 @@ def segment(decoder, start, frames, entry, chunk):
             return frames, i + 1, model.head(f['x'], chunk[1])
 
 
-def open_stack(decoder, stack, x, pos, valid, rows, rope):
-    """A frame: the chunk x (b, K, C) of cache rows `rows` in a stack, with its cache context."""
-    capacity = decoder.caches[stack][0].k.size(2) - 1 if decoder.caches[stack] else 0
-    slots, mask = cache_context(decoder.lens[stack], capacity, decoder.dtype, x.size(1), valid, rows)
-    return dict(x=x, pos=pos, valid=valid, rows=rows, slots=slots, mask=mask, cos=rope[0][pos], sin=rope[1][pos])
+def open_stack(decoder, stack, x, pos, valid, rows, rope, cos_sin=None):
+    """A frame: the chunk x (b, K, C) of cache rows `rows` in a stack, with its cache context. cos_sin: the rotary
+    tables at pos, when the frame it comes from has them."""
+    caches = decoder.caches[stack]
+    capacity = caches[0].k.size(2) - 1 if caches else 0
+    # attend_sparse: a token per row, some rows, eagerly on a CPU in fp32 (the sparse kernels there; a GPU decodes
+    # compiled: attend_rows)
+    sparse = (x.size(1) == 1 and rows.size(0) < decoder.batch_size and x.device.type == 'cpu' and caches and
+              decoder.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
+    slots, mask = cache_context(decoder.lens[stack], capacity, decoder.dtype, x.size(1), valid, rows, not sparse)
+    cache = CacheContext(rows, slots, mask, sparse_pattern(decoder, caches[0], rows, slots) if sparse else None)
+    cos, sin = cos_sin or (rope[0][pos], rope[1][pos])
+    return dict(x=x, pos=pos, valid=valid, rows=rows, cache=cache, cos=cos, sin=sin)
+
+
+def sparse_pattern(decoder, cache, rows, slots):
+    """attend_sparse's pattern for one token of each of the cache rows `rows` (b,), at their slots (b, 1): a CSR
+    matrix whose row (i, h) holds the slots 0 .. capacity - 1 of row i's cache and KV head h // (H / Hkv), flat,
+    with the mask as values (-inf past the token's own slot)."""
+    B, Hkv, L, _ = cache.k.shape
+    H, b = decoder.model.config.n_head, slots.size(0)
+    if (H, L) not in decoder.pattern_base:  # for cache row 0: each head's slots, and their numbers (H, L - 1)
+        slot = torch.arange(L - 1, device=slots.device).expand(H, -1)
+        heads = torch.arange(H, device=slots.device) // (H // Hkv) * L
+        decoder.pattern_base[H, L] = heads[:, None] + slot, slot
+    base, slot = decoder.pattern_base[H, L]
+    cols = (rows * (Hkv * L)).view(b, 1, 1) + base                                               # (b, H, L - 1)
+    bias = torch.zeros((), dtype=decoder.dtype).masked_fill(slot > slots.view(b, 1, 1), -math.inf)  # (b, H, L - 1)
+    crows = torch.arange(0, b * H * (L - 1) + 1, L - 1, device=slots.device)
+    return torch.sparse_csr_tensor(crows, cols.view(-1), bias.view(-1), size=(b * H, cache.v_flat.size(0)),
+                                   check_invariants=False)
 
 
 def score_chunk(decoder, level, f):
@@ -265,10 +322,11 @@ def score_chunk(decoder, level, f):
     weights = scores.clamp(0, 1) * selected                                  # > 0 exactly where a token enters
     counts = selected.sum(1)                                                 # (b,) tokens entering, per row
     filled = decoder.lens[level.inner].index_select(0, f['rows']) + counts   # (b,) each row's cache after
-    offered = counts.new_tensor(x.size(0) * x.size(1)) if valid is None else valid.sum()
-    level.stats[:2].add_(torch.stack([offered, counts.sum()]))  # tokens offered and kept, for the logs
-    info = torch.stack([counts.max(), (counts > 0).sum(), filled.max(), f['pos'].max()])
-    return info, weights, counts
+    offered, kept = counts.new_tensor(x.size(0) * x.size(1)) if valid is None else valid.sum(), counts.sum()
+    level.stats[:2].add_(torch.stack([offered, kept]))  # tokens offered and kept, for the logs
+    if x.size(1) == 1:  # a step: a row brings one token or none
+        return torch.stack([kept, filled.max()]), weights, counts
+    return torch.stack([(counts > 0).sum(), filled.max(), counts.max()]), weights, counts
 
 
 def enter_level(decoder, level, f, K, size, weights, counts, rope):
@@ -276,11 +334,12 @@ def enter_level(decoder, level, f, K, size, weights, counts, rope):
     tokens that enter (K per row at most), and a frame for its stack."""
     x, pos, rows, order = f['x'], f['pos'], f['rows'], None
     if size < x.size(0):
-        order = torch.argsort((counts == 0).to(torch.int8), stable=True)[:size]  # entering rows first, in order
+        order = counts.argsort(descending=True, stable=True)[:size]  # entering rows first
         x, weights, rows = x.index_select(0, order), weights.index_select(0, order), rows.index_select(0, order)
         pos = pos if pos.size(0) == 1 else pos.index_select(0, order)
     if x.size(1) == 1:  # one token per row (a decode step): it is the short sequence, or padding
-        index, short = None, open_stack(decoder, level.inner, x, pos, weights > 0, rows, rope)
+        cos_sin = (f['cos'], f['sin']) if f['pos'].size(0) == 1 else None  # positions alike in all rows
+        index, short = None, open_stack(decoder, level.inner, x, pos, weights > 0, rows, rope, cos_sin)
     else:  # weights as the scores: the same selection, and weights = clamp(s, 0, 1) for the kept tokens
         index, weights, inner_valid, _ = subsample_threshold(weights, None, K)  # (b, K)
         x_short, pos_short = gather_tokens(x, index), gather_tokens(pos.expand(x.size(0), -1), index)

@@ -3,12 +3,13 @@ Tests of generate.py's decoding that are not about exactness (test_model.py's ca
 costs in kernels and host reads against the LLaMA twin, the buckets of rows, the KV cache's size, and the loop.
 """
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from generate import Decoder, bucket, generate
+from generate import Decoder, KVCache, attend_sparse, bucket, generate, sparse_pattern
 from model import SubLLM, SubLLMConfig, llama_twin
 
 
@@ -63,6 +64,26 @@ def test_a_decode_step_launches_about_what_llama_does_at_any_batch_and_reads_onc
     record_property('ops_ratio', ops / llama_ops)
     assert llama_reads == 0 and 0 < reads <= 2
     assert ops <= 1.2 * llama_ops, (ops, llama_ops)
+
+
+def test_sparse_attention_reads_only_the_rows_that_enter():
+    """Eager decoding on a CPU attends for the rows that enter a level through their slots (attend_sparse): the
+    same as SDPA over each row's own cache up to its token, with grouped-query heads, reading nothing of the other
+    rows' caches (NaN there changes nothing)."""
+    torch.manual_seed(0)
+    B, H, Hkv, D, capacity = 6, 4, 2, 8, 10
+    cache = KVCache(B, capacity, Hkv, D, torch.float32, 'cpu')
+    cache.k.normal_(), cache.v.normal_()
+    cache.k[[0, 2, 5]], cache.v[[0, 2, 5]] = float('nan'), float('nan')  # rows that do not enter
+    rows, slots = torch.tensor([4, 1, 3]), torch.tensor([[9], [0], [5]])  # each row's token: its last slot seen
+    q = torch.randn(3, H, 1, D)
+    decoder = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(n_head=H)), pattern_base={},
+                              dtype=torch.float32)
+    out = attend_sparse(q, cache, sparse_pattern(decoder, cache, rows, slots))
+    for i, (r, s) in enumerate(zip(rows.tolist(), slots[:, 0].tolist())):
+        keys, values = cache.k[r:r + 1, :, :s + 1], cache.v[r:r + 1, :, :s + 1]
+        expected = torch.nn.functional.scaled_dot_product_attention(q[i:i + 1], keys, values, enable_gqa=True)
+        assert torch.allclose(out[i:i + 1], expected, atol=1e-6), (r, s)
 
 
 def test_buckets_are_a_few_sizes_that_hold_the_rows_that_enter():
