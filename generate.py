@@ -103,7 +103,8 @@ def attend_rows(q, keys, values, mask, rows):
     """Attention of the queries q (b, H, K, D) of cache rows `rows` over those rows' caches keys, values (B, Hkv, L,
     D), under mask (B, 1, K, L), written as products and sums that the compiler fuses into loops reading the rows'
     caches in place (SDPA or a matmul would first copy them out). Eager, it would materialize the products: eager
-    decoding attends over all B rows instead (CacheContext.attend). fp32 scores and softmax, as SDPA's."""
+    decoding uses attend_sparse on a CPU, elsewhere SDPA over all B rows (CacheContext.attend). fp32 scores and
+    softmax, as SDPA's."""
     (b, H, K, D), dtype, Hkv = q.shape, q.dtype, keys.size(1)
     k, v = keys[rows].float()[:, :, None, None], values[rows].float()[:, :, None, None]  # (b, Hkv, 1, 1, L, D)
     q = q.float().view(b, Hkv, H // Hkv, K, 1, D)                                        # grouped-query heads
@@ -182,7 +183,7 @@ class Decoder:
                     attn.kv_cache = KVCache(batch_size, capacity, attn.n_kv_head, attn.head_dim, self.dtype,
                                             param.device)
                     self.caches[stack].append(attn.kv_cache)
-        self.pattern_base = {}  # (heads, slots): attend_sparse's slots of each head in cache row 0 (sparse_pattern)
+        self.pattern_base = {}  # slots a row: attend_sparse's slots of each head in cache row 0 (sparse_pattern)
         self.static = bool(compiled)  # updated in place: a CUDA graph reads the lengths and caches where they are
         self.buckets = bool(compiled)  # static shapes: a level runs its entering rows padded to a bucket size
         for t in [*self.lens.values(), *(c for caches in self.caches.values() for kv in caches for c in (kv.k, kv.v))]:
@@ -302,11 +303,11 @@ def sparse_pattern(decoder, cache, rows, slots):
     with the mask as values (-inf past the token's own slot)."""
     B, Hkv, L, _ = cache.k.shape
     H, b = decoder.model.config.n_head, slots.size(0)
-    if (H, L) not in decoder.pattern_base:  # for cache row 0: each head's slots, and their numbers (H, L - 1)
+    if L not in decoder.pattern_base:  # for cache row 0: each head's slots, and their numbers (H, L - 1)
         slot = torch.arange(L - 1, device=slots.device).expand(H, -1)
         heads = torch.arange(H, device=slots.device) // (H // Hkv) * L
-        decoder.pattern_base[H, L] = heads[:, None] + slot, slot
-    base, slot = decoder.pattern_base[H, L]
+        decoder.pattern_base[L] = heads[:, None] + slot, slot
+    base, slot = decoder.pattern_base[L]
     cols = (rows * (Hkv * L)).view(b, 1, 1) + base                                               # (b, H, L - 1)
     bias = torch.zeros((), dtype=decoder.dtype).masked_fill(slot > slots.view(b, 1, 1), -math.inf)  # (b, H, L - 1)
     crows = torch.arange(0, b * H * (L - 1) + 1, L - 1, device=slots.device)
