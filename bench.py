@@ -410,18 +410,23 @@ def tokens_to_decode(B):
 
 
 def decode_rewind(decoder):
-    """A function that sets a decoder's state back to what it is now: each stack's cache lengths (in place, on the
-    device), the tokens fed, and the window state of each recurrent block. Cached keys and values past those
-    lengths need no reset: a step reads no slot past its own, which it has just written."""
+    """A function that sets a decoder's state back to what it is now: each stack's cache lengths and pages given out
+    (in place, on the device), the tokens fed and the step that gives out pages next, and the window state of each
+    recurrent block. Cached keys and values past those lengths need no reset: a step reads no slot past its own,
+    which it has just written; pages given out again are given the same numbers, into a pool at least as large."""
     lens = {stack: lens.clone() for stack, lens in decoder.lens.items()}
+    pages = {stack: (p.count.clone(), p.used.clone()) for stack, p in decoder.pages.items()}
     states = [(block, block.state, block.pending) for block in decoder.model.modules()
               if isinstance(block, RecurrentBlock)]
-    fed = decoder.fed
+    fed, covered = decoder.fed, decoder.covered
 
     def rewind():
         for stack, cache_lens in lens.items():
             decoder.lens[stack].copy_(cache_lens)
-        decoder.fed = fed
+        for stack, (count, used) in pages.items():
+            decoder.pages[stack].count.copy_(count)
+            decoder.pages[stack].used.copy_(used)
+        decoder.fed, decoder.covered = fed, covered
         for block, state, pending in states:
             block.state, block.pending = state, pending
     return rewind

@@ -6,10 +6,12 @@ step, the loop, and the compiled step. sample.py, eval.py and bench.py use it.
     out = generate(model, prompt_ids, max_new_tokens=100, temperature=0.8, top_k=200)   # (B, T + 100)
 
 How SUBLLM decodes. Every block keeps a KV cache, and a level's blocks cache only the tokens that entered it, at
-their original positions (RoPE), so a level's rows hold different numbers of tokens. Each stack (the model's, and
-each level's inside) counts them per row on the device, updated in place, and every cache write and attention is
-one op over the rows (CacheContext), whatever their number; in a level, attention reads only the caches of the rows
-that enter (eager on a CPU: sparse matmuls, attend_sparse; compiled: fused loops, attend_rows). A chunk (a prompt,
+their original positions (RoPE), so a level's rows hold different numbers of tokens: its caches are a pool of
+pages that the rows are given as they need them (vLLM's paged attention), so that it holds about what entered, not
+max_len a row (Pages). Each stack (the model's, and each level's inside) counts its tokens per row on the device,
+updated in place, and every cache write and attention is one op over the rows (CacheContext), whatever their
+number; in a level, attention reads only the pages of the rows that enter (eager on a CPU: sparse matmuls,
+attend_sparse; compiled: fused loops, attend_rows). A chunk (a prompt,
 then one token per row per step) walks the model's decode program: blocks, level entries and exits, in the order a
 token meets them. At a level's entry the host reads, once, how many rows enter (Decoder.route): none, and the level
 is skipped (a batch-1 token whose score is not positive runs none of its blocks); otherwise its blocks run on the
@@ -28,70 +30,134 @@ import torch.nn.functional as F
 from model import Level, RecurrentBlock, gather_tokens, subsample_threshold, upsample
 
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')  # attend_sparse's, once a process
-CACHE_SLACK = 0.1  # a level's caches hold the tokens expected to enter it, plus 10%; they grow if a row needs more
+PAGE_SIZE = 16     # slots per page of a level's caches (at most max_len / 8: a row's last pages are part empty)
+CACHE_SLACK = 0.1  # a level's pool grows by the tokens expected to enter it until max_len, plus 10%
 
 
 class KVCache(nn.Module):
-    """One block's keys and values, preallocated for `capacity` tokens per row, and a scratch slot at the end where
-    padding tokens write: a write needs no mask, and never touches what a row has cached."""
+    """One block's keys and values. The model's stack: (B, Hkv, max_len, D), LLaMA's dense cache, a row after row.
+    A level's: a pool of pages of `size` slots, head-major, (Hkv, pages, size, D), which its stack's Pages give to
+    the rows and which grows as they need more (head-major: a row whose pages are in order, as at batch 1, has each
+    head's slots in one run, which attention reads in place, in_order)."""
 
-    def __init__(self, batch_size, capacity, n_kv_head, head_dim, dtype, device):
+    def __init__(self, pages, n_kv_head, size, head_dim, dtype, device, pool):
         super().__init__()
-        shape = (batch_size, n_kv_head, capacity + 1, head_dim)
+        shape = (n_kv_head, pages, size, head_dim) if pool else (pages, n_kv_head, size, head_dim)
         self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.pool = pool
         self.flat()
 
     def flat(self):
-        """Views of the caches as a slot a row, (B * Hkv * (capacity + 1), D), keys transposed (attend_sparse)."""
-        self.k_flat_t, self.v_flat = self.k.view(-1, self.k.size(3)).t(), self.v.view(-1, self.v.size(3))
+        """Views of the caches as one slot a row, (slots, D): where writes go and reads gather (keys also
+        transposed, for attend_sparse)."""
+        self.k_flat, self.v_flat = self.k.view(-1, self.k.size(3)), self.v.view(-1, self.v.size(3))
+        self.k_flat_t = self.k_flat.t()
 
-    def grow(self, capacity):
-        """Room for `capacity` tokens per row: the cached slots copied into larger buffers."""
+    def grow(self, pages):
+        """A pool with room for `pages` pages: the pages copied into larger buffers."""
         for name in ('k', 'v'):
             old = getattr(self, name)
-            new = old.new_zeros(old.size(0), old.size(1), capacity + 1, old.size(3))
-            new[:, :, :old.size(2) - 1] = old[:, :, :-1]
+            new = old.new_zeros(old.size(0), pages, *old.shape[2:])
+            new[:, :old.size(1)] = old
             setattr(self, name, new)
         self.flat()
 
-    def write(self, rows, slots, k, v):
-        """k, v (b, Hkv, K, D) of cache rows `rows` (b,), at their slots (b, K)."""
-        index = (rows[:, None, None], torch.arange(k.size(1), device=k.device)[None, :, None], slots[:, None, :])
-        self.k[index], self.v[index] = k.to(self.k.dtype), v.to(self.v.dtype)
+    def in_order(self, L):
+        """Keys and values (B, Hkv, L, D) where each row's slots lie in order, as views: the model's caches; a
+        pool's first L slots of each head, which are a batch-1 row's (its pages are given out in order)."""
+        if not self.pool:
+            return self.k, self.v
+        return self.k.view(self.k.size(0), -1, self.k.size(3))[None, :, :L], \
+            self.v.view(self.v.size(0), -1, self.v.size(3))[None, :, :L]
+
+    def write(self, index, k, v):
+        """k, v (b, Hkv, K, D) at the flat slots index (b, Hkv, K)."""
+        self.k_flat[index], self.v_flat[index] = k.to(self.k.dtype), v.to(self.v.dtype)
+
+
+@dataclass
+class Pages:
+    """Which pages of a stack's caches hold each row's slots: slot s of cache row r is slot s % size of the page
+    that starts at flat slot table[r, s // size], for KV head 0 (head h: kv_start[h] further). A row's entries past
+    its own pages repeat its last: never seen by a query (masked), and they read only its own cache. On the device:
+    table, count, used; on the host: the pool's pages, and the pages of a row that attention spans (width)."""
+    table: torch.Tensor  # (B, pages a row can have) the flat first slot of each page of each row
+    count: torch.Tensor  # (B,) pages each row has
+    used: torch.Tensor   # () pages given out
+    size: int            # slots a page
+    n_head: int          # query heads (grouped-query heads share a KV head)
+    dense: bool          # the model's stack: a page of max_len slots a row, page-major (B, Hkv, max_len, D)
+    in_order: bool       # each row's pages lie in order (the model's stack; a level at batch 1)
+    pool: int = 0        # pages the caches have room for (a level's: its KVCaches')
+    width: int = 0       # pages of each row that attention spans (a level: at least the most any row has)
+
+    @classmethod
+    def make(cls, batch_size, max_len, size, n_kv_head, n_head, device):
+        """A stack's pages: size = max_len, the model's stack, a page a row (row r's starts at r * Hkv * max_len);
+        otherwise a level's, none given out yet, the pool empty."""
+        dense, rows = size == max_len, torch.arange(batch_size, device=device)
+        table = torch.zeros(batch_size, math.ceil(max_len / size), dtype=torch.long, device=device)
+        table[:, 0] = rows * (n_kv_head * size) if dense else 0
+        pages = cls(table, torch.full_like(rows, int(dense)), rows.new_tensor(0), size, n_head, dense,
+                    dense or batch_size == 1)
+        pages.n_kv_head = n_kv_head
+        pages.resize(batch_size if dense else 0)
+        pages.span(int(dense))
+        return pages
+
+    def resize(self, pool):
+        """Room for `pool` pages. Where each KV head's part of a page starts, from the page's start (kv_start: a
+        level's caches are head-major, so pool * size slots after the last's), and the slots of a page from its
+        start, per KV head (kv_base) and per query head (head_base)."""
+        heads, offsets = self.n_kv_head, torch.arange(self.size, device=self.table.device)
+        self.pool, apart = pool, self.size if self.dense else pool * self.size  # a KV head's part from the last's
+        self.kv_start = torch.arange(heads, device=self.table.device)[:, None] * apart           # (Hkv, 1)
+        self.kv_base = self.kv_start[:, :, None] + offsets                                       # (Hkv, 1, size)
+        self.head_base = self.kv_base.repeat_interleave(self.n_head // heads, 0)                 # (H, 1, size)
+
+    def span(self, width):
+        """Attention spans the first `width` pages of each row."""
+        self.width, self.spanned, self.first = width, self.table[:, :width], self.table[:, :1]
+
+    def slots(self, table, base):
+        """The flat slots (b, heads, width * size) of the rows whose spanned tables are table (b, width), in order."""
+        b, width = table.size(0), self.width
+        return (table.view(b, 1, width, 1) + base).view(b, base.size(0), width * self.size)
 
 
 @dataclass
 class CacheContext:
     """Where a chunk of K tokens per row goes in one stack's caches, and which slots each query sees; made once per
     stack and chunk (cache_context). Attention.forward calls attend."""
-    rows: torch.Tensor   # (b,) the cache rows of the chunk's rows
-    slots: torch.Tensor  # (b, K) where each token's key and value go; padding: the scratch slot
-    mask: torch.Tensor   # (B, 1, K, capacity + 1) added to the scores: 0 where a query of cache row r sees a slot;
-                         # None where the pattern holds it
+    index: torch.Tensor   # (b, Hkv, K) the flat slots where the chunk's keys and values go
+    mask: torch.Tensor    # (b, 1, K, L) added to the scores over the rows' L slots: 0 where a query sees one;
+                          # None where the pattern holds it
+    slots: torch.Tensor = None    # a level: (b, Hkv, L) the flat slots of each row's cache, in order; None where
+                                  # the rows' slots lie in order (the model's stack; batch 1): KVCache.in_order
     pattern: torch.Tensor = None  # eager on a CPU, some rows, a token each: the slots they read (sparse_pattern)
 
     def attend(self, attn, q, k, v):
         """Write the chunk's k, v (b, Hkv, K, D) into attn's cache, then its queries q (b, H, K, D) attend there."""
-        attn.kv_cache.write(self.rows, self.slots, k, v)
+        cache = attn.kv_cache
+        cache.write(self.index, k, v)
         if self.pattern is not None:
-            return attend_sparse(q, attn.kv_cache, self.pattern)
-        keys, values = attn.kv_cache.k.to(q.dtype), attn.kv_cache.v.to(q.dtype)  # (B, Hkv, capacity + 1, D)
-        if self.rows.size(0) == keys.size(0):  # every cache row, in order
-            return attn.attend(q, keys, values, self.mask)
-        if torch.compiler.is_compiling():  # compiled: one fused loop reads the b rows' caches where they are
-            return attend_rows(q, keys, values, self.mask, self.rows)
-        # Some rows, otherwise (a prompt's; bf16 on a CPU; a GPU, eagerly): attention over all B rows' caches, the
-        # other rows' queries zero. Copying the b rows' caches out would read them three times; this reads B once
-        q_all = q.new_zeros(keys.size(0), *q.shape[1:]).index_copy(0, self.rows, q)
-        return attn.attend(q_all, keys, values, self.mask).index_select(0, self.rows)
+            return attend_sparse(q, cache, self.pattern)
+        if self.slots is None:  # every cache row, each row's slots in order (KVCache.in_order)
+            keys, values = cache.in_order(self.mask.size(-1))
+            return attn.attend(q, keys.to(q.dtype), values.to(q.dtype), self.mask)
+        if torch.compiler.is_compiling():  # compiled: one fused loop reads the rows' pages where they are
+            return attend_rows(q, cache.k_flat, cache.v_flat, self.mask, self.slots)
+        # eagerly otherwise (a prompt's; bf16 on a CPU; a GPU): the rows' pages copied out, (b, Hkv, L, D)
+        keys, values = cache.k_flat[self.slots].to(q.dtype), cache.v_flat[self.slots].to(q.dtype)
+        return attn.attend(q, keys, values, self.mask)
 
 
 def attend_sparse(q, cache, pattern):
     """Attention of one query per row, q (b, H, 1, D), over its row's slots of the cache, reading them where they
     are (eager, on a CPU): pattern, a sparse (b * H, cache slots) CSR matrix, holds the slots each row and head
     scores, with the mask as its values. A sampled matmul computes the scores there only (SDDMM), a softmax, and a
-    sparse matmul the weighted sum of the values: the other rows' caches are not read."""
+    sparse matmul the weighted sum of the values: the other rows' pages are not read."""
     b, H, _, D = q.shape
     scores = torch.sparse.sampled_addmm(pattern, q.view(b * H, D), cache.k_flat_t, alpha=D ** -0.5)
     weights = scores.values().view(b * H, -1)
@@ -99,37 +165,81 @@ def attend_sparse(q, cache, pattern):
     return torch.mm(scores, cache.v_flat).view(b, H, 1, D)
 
 
-def attend_rows(q, keys, values, mask, rows):
-    """Attention of the queries q (b, H, K, D) of cache rows `rows` over those rows' caches keys, values (B, Hkv, L,
-    D), under mask (B, 1, K, L), written as products and sums that the compiler fuses into loops reading the rows'
-    caches in place (SDPA or a matmul would first copy them out). Eager, it would materialize the products: eager
-    decoding uses attend_sparse on a CPU, elsewhere SDPA over all B rows (CacheContext.attend). fp32 scores and
-    softmax, as SDPA's."""
-    (b, H, K, D), dtype, Hkv = q.shape, q.dtype, keys.size(1)
-    k, v = keys[rows].float()[:, :, None, None], values[rows].float()[:, :, None, None]  # (b, Hkv, 1, 1, L, D)
-    q = q.float().view(b, Hkv, H // Hkv, K, 1, D)                                        # grouped-query heads
-    scores = (q * k).sum(-1) * D ** -0.5 + mask[rows][:, :, None]                        # (b, Hkv, G, K, L)
-    y = (torch.softmax(scores, -1)[..., None] * v).sum(-2)                               # (b, Hkv, G, K, D)
+def attend_rows(q, k_flat, v_flat, mask, slots):
+    """Attention of the queries q (b, H, K, D) over their rows' slots (b, Hkv, L) of the caches k_flat, v_flat
+    (slots, D), under mask (b, 1, K, L), written as gathers, products and sums that the compiler fuses into loops
+    reading the pages in place (SDPA or a matmul would first copy them out). Eager, it would materialize the
+    products: eager decoding uses attend_sparse on a CPU, elsewhere SDPA over a copy (CacheContext.attend). fp32
+    scores and softmax, as SDPA's."""
+    (b, H, K, D), dtype, Hkv = q.shape, q.dtype, slots.size(1)
+    k, v = k_flat[slots].float()[:, :, None, None], v_flat[slots].float()[:, :, None, None]  # (b, Hkv, 1, 1, L, D)
+    q = q.float().view(b, Hkv, H // Hkv, K, 1, D)                                            # grouped-query heads
+    scores = (q * k).sum(-1) * D ** -0.5 + mask[:, :, None]                                  # (b, Hkv, G, K, L)
+    y = (torch.softmax(scores, -1)[..., None] * v).sum(-2)                                   # (b, Hkv, G, K, D)
     return y.view(b, H, K, D).to(dtype)
 
 
-def cache_context(lens, capacity, dtype, K, valid, rows, masked=True):
-    """A chunk of K tokens per row for a stack whose rows have cached lens (B,) tokens (advanced in place here):
-    valid (b, K) the real tokens (padding last; None: all of every row), rows (b,) their cache rows. Query i of cache
-    row r sees slots 0 .. lens[r] + i: what its row cached, and the chunk up to itself (the mask, unless not
-    `masked`: attend_sparse's pattern holds it)."""
-    last_seen = lens[:, None] + torch.arange(K, device=lens.device)             # (B, K)
-    mask = None
-    if masked:
-        unseen = torch.arange(capacity + 1, device=lens.device) > last_seen.view(-1, 1, K, 1)  # (B, 1, K, capacity+1)
-        mask = torch.zeros(unseen.shape, dtype=dtype, device=lens.device).masked_fill(unseen, -math.inf)
-    slots = last_seen if rows.size(0) == lens.size(0) else last_seen.index_select(0, rows)  # (b, K)
-    if valid is None:
+def cache_context(decoder, stack, K, valid, rows, sparse):
+    """The CacheContext of a chunk of K tokens per row in a stack: valid (b, K) the real tokens (padding last;
+    None: all of every row), rows (b,) their cache rows, whose cached lengths it advances (in place). Query i of
+    cache row r sees slots 0 .. lens[r] + i: what its row cached, and the chunk up to itself; a padding token
+    writes past its row's real ones, where no query looks and the next token writes. sparse: for attend_sparse."""
+    lens, pages, column = decoder.lens[stack], decoder.pages[stack], decoder.lens_column[stack]
+    every_row, Hkv = rows.size(0) == lens.size(0), pages.n_kv_head  # every row: in order
+    first = column if every_row else column.index_select(0, rows)                     # (b, 1)
+    last_seen = first if K == 1 else first + torch.arange(K, device=lens.device)       # (b, K)
+    added = None if valid is None else valid.sum(1)                                    # (b,) real tokens
+    slots = last_seen if added is None or K == 1 else torch.where(valid, last_seen, first + added[:, None])
+    if pages.in_order:  # every row (the model's; batch 1): slot s of KV head h at its first page + kv_start[h] + s
+        flat, index = None, (pages.first + slots)[:, None] + pages.kv_start           # (b, Hkv, K)
+    else:  # the flat slots of the rows' pages in order, per KV head (attend_sparse: per query head): (b, heads, L)
+        table = pages.spanned if every_row else pages.spanned.index_select(0, rows)    # (b, width)
+        flat = pages.slots(table, pages.head_base if sparse else pages.kv_base)
+        per_kv_head = flat[:, ::flat.size(1) // Hkv] if sparse else flat
+        index = per_kv_head.gather(2, slots[:, None].expand(-1, Hkv, -1))            # (b, Hkv, K)
+    if sparse:
+        cache = CacheContext(index, None, pattern=sparse_pattern(decoder, pages, flat, slots))
+    else:
+        L = pages.width * pages.size
+        unseen = torch.arange(L, device=lens.device) > last_seen.view(-1, 1, K, 1)    # (b, 1, K, L)
+        mask = torch.zeros(unseen.shape, dtype=decoder.dtype, device=lens.device).masked_fill(unseen, -math.inf)
+        cache = CacheContext(index, mask, flat)
+    if added is None and every_row:  # last: first may be a view of lens
         lens.add_(K)
     else:
-        slots = torch.where(valid, slots, capacity)  # padding: the scratch slot
-        lens.index_add_(0, rows, valid.sum(1))
-    return slots, mask
+        lens.index_add_(0, rows, torch.full_like(rows, K) if added is None else added)
+    return cache
+
+
+def sparse_pattern(decoder, pages, cols, slots):
+    """attend_sparse's pattern for one token of each of b rows at slots (b, 1), whose pages' flat slots per query
+    head are cols (b, H, L): a CSR matrix whose row (i, h) holds them, with the mask as values (-inf past the
+    token's own slot)."""
+    (b, H, L), n_slots = cols.shape, pages.pool * pages.n_kv_head * pages.size  # the caches' flat slots
+    if L not in decoder.slot_numbers:
+        decoder.slot_numbers[L] = torch.arange(L, device=slots.device).expand(H, -1)   # (H, L)
+    bias = torch.zeros((), dtype=decoder.dtype).masked_fill(decoder.slot_numbers[L] > slots.view(b, 1, 1), -math.inf)
+    crows = torch.arange(0, b * H * L + 1, L, device=slots.device)
+    return torch.sparse_csr_tensor(crows, cols.view(-1), bias.view(-1), size=(b * H, n_slots), check_invariants=False)
+
+
+def allocate(decoder, stack, rows, need):
+    """Pages for the cache rows `rows` (b,) of a level to hold need (b,) slots each: the pages a row lacks, numbered
+    on from those given out, on the device. The host reads how many are given out at the next route
+    (Decoder.route), and grows the pool before anything is written there. Returns the pages given out and the most
+    a row has: () each."""
+    pages = decoder.pages[stack]
+    P = pages.size
+    have = pages.count.index_select(0, rows)                                           # (b,)
+    new = ((need.clamp(max=decoder.max_len) + P - 1) // P - have).clamp(min=0)         # (b,) pages each lacks
+    first = pages.used + new.cumsum(0) - new                                           # its first new page
+    j = torch.arange(pages.table.size(1), device=rows.device)                          # (pages a row can have,)
+    fresh = first[:, None] + torch.minimum(j - have[:, None], new[:, None] - 1)         # then its last, repeated
+    table = torch.where((j >= have[:, None]) & (new[:, None] > 0), fresh * P, pages.table.index_select(0, rows))
+    pages.table.index_copy_(0, rows, table)
+    pages.count.index_copy_(0, rows, have + new)
+    pages.used.add_(new.sum())
+    return pages.used, pages.count.max()
 
 
 def decode_program(stack):
@@ -153,50 +263,57 @@ def bucket(n, rows):
 
 class Decoder:
     """A model's decoding state for batch_size rows of up to max_len tokens: each block's KV cache, and per stack
-    (the model's, each level's inside) the tokens each row has cached (on the device) and the slots per row. A
-    level's caches start with room for the tokens expected to enter it (its keep ratios' product, plus CACHE_SLACK)
-    and grow when a row needs more. Under autocast the caches take its dtype (bf16: half the memory of fp32).
-    decoder(idx) feeds the next chunk (B, T) of every row (eval mode) and returns forward's (logits, loss)."""
+    (the model's, each level's inside) the tokens each row has cached (on the device) and its Pages. The model's
+    stack caches max_len slots a row; a level's caches are a pool of pages that it gives to its rows as they need
+    them, so that it holds about what entered (vLLM's paged attention): every page_size steps (and with each chunk
+    of several tokens), the first level's entry gives each row of every level room for page_size more slots, on the
+    device, and the host, reading how many pages are given out with that entry's read, grows the pool when it must
+    (page_size: PAGE_SIZE slots, at most max_len / 8).
+    Under autocast the caches take its dtype (bf16: half the memory of fp32). decoder(idx) feeds the next chunk
+    (B, T) of every row (eval mode) and returns forward's (logits, loss)."""
 
-    def __init__(self, model, batch_size, max_len, compiled=False):
+    def __init__(self, model, batch_size, max_len, compiled=False, page_size=None):
         self.model, self.batch_size, self.max_len, self.fed = model, batch_size, max_len, 0
+        self.page_size = page_size or max(1, min(PAGE_SIZE, max_len // 8))
         self.ops = [('embed', None), *decode_program(model.stack), ('head', None)]
         self.skip_to = {}  # the op after each level's exit: where a chunk goes on when no token enters the level
         for i, (kind, layer) in enumerate(self.ops):
             if kind == 'exit':
                 self.skip_to[next(j for j, op in enumerate(self.ops) if op == ('enter', layer))] = i + 1
-        param = model.lm_head.weight
-        device_type = param.device.type
+        param, config = model.lm_head.weight, model.config
+        device, device_type = param.device, param.device.type
         self.dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else param.dtype
-        stacks = {model.stack: 1.0, **{lv.inner: math.prod(model.config.keep_ratio_at(d) for d in
-                                                           range(1, lv.depth + 1)) for lv in model.levels()}}
-        self.keep = stacks  # stack -> the fraction of the model's tokens expected to reach it
-        self.lens = {s: torch.zeros(batch_size, dtype=torch.long, device=param.device) for s in stacks}
-        self.caches = {s: [] for s in stacks}  # stack -> its blocks' KVCaches
-        for stack in stacks:
-            capacity = self.capacity(stack, 0, 0)
+        levels = model.levels()
+        self.keep = {model.stack: 1.0, **{lv.inner: math.prod(config.keep_ratio_at(d) for d in range(1, lv.depth + 1))
+                                          for lv in levels}}  # stack -> the fraction of the tokens expected there
+        self.lens = {s: torch.zeros(batch_size, dtype=torch.long, device=device) for s in self.keep}
+        self.lens_column = {s: lens.view(-1, 1) for s, lens in self.lens.items()}  # views (B, 1)
+        Hkv, H, D = config.n_kv_head, config.n_head, config.n_embd // config.n_head
+        self.pages, self.caches = {}, {s: [] for s in self.keep}  # stack -> its Pages; its blocks' KVCaches
+        for stack in self.keep:  # the model's stack: a page of max_len slots a row; a level's: page_size
+            size = max_len if stack is model.stack else self.page_size
+            pages = Pages.make(batch_size, max_len, size, Hkv, H, device)
+            self.pages[stack] = pages
             for layer in stack.layers:
                 if isinstance(layer, RecurrentBlock):  # no KV cache: it carries its last window's state instead
                     layer.decoding, layer.state, layer.pending = True, None, None
                 elif not isinstance(layer, Level):
-                    attn = layer.attn
-                    attn.kv_cache = KVCache(batch_size, capacity, attn.n_kv_head, attn.head_dim, self.dtype,
-                                            param.device)
-                    self.caches[stack].append(attn.kv_cache)
-        self.pattern_base = {}  # slots a row: attend_sparse's slots of each head in cache row 0 (sparse_pattern)
+                    layer.attn.kv_cache = KVCache(pages.pool, Hkv, pages.size, D, self.dtype, device, not pages.dense)
+                    self.caches[stack].append(layer.attn.kv_cache)
+        self.paged = [lv.inner for lv in levels if self.caches[lv.inner]]  # the levels whose blocks cache
+        self.first_entry = next((i for i, (kind, _) in enumerate(self.ops) if kind == 'enter'), None)
+        self.covered = 0  # the steps up to here have their pages: none to give out before (on the host)
+        self.topup, self.chunk = False, 0  # this chunk gives out pages at the first level's entry; its tokens a row
+        self.slot_numbers = {}  # attend_sparse's slot numbers 0 .. L - 1 of each query head, per L (sparse_pattern)
         self.static = bool(compiled)  # updated in place: a CUDA graph reads the lengths and caches where they are
         self.buckets = bool(compiled)  # static shapes: a level runs its entering rows padded to a bucket size
-        for t in [*self.lens.values(), *(c for caches in self.caches.values() for kv in caches for c in (kv.k, kv.v))]:
+        for t in [*self.lens.values(), *(c for caches in self.caches.values() for kv in caches for c in (kv.k, kv.v)),
+                  *(t for p in self.pages.values() for t in (p.table, p.count, p.used))]:
             self.mark_static(t)
         if compiled and any(isinstance(layer, RecurrentBlock) for layer in model.stack.layers):
             raise ValueError("compiled decoding does not support recurrent blocks ('R' in the structure): decode "
                              "this model without compile")
         self.run = compiled_segment(device_type, 'inductor' if compiled is True else compiled) if compiled else segment
-
-    def capacity(self, stack, need, end):
-        """Slots per row for a stack's caches: `need` (its longest row now), and the tokens expected to reach it
-        between the model's first `end` tokens and max_len, plus CACHE_SLACK (all of them for the model's stack)."""
-        return min(self.max_len, need + math.ceil(self.keep[stack] * (1 + CACHE_SLACK) * (self.max_len - end)))
 
     def __call__(self, idx, targets=None):
         """The next chunk idx (B, T) of every row through the caches: forward's (logits, loss). The host reads one
@@ -204,34 +321,54 @@ class Decoder:
         B, T = idx.shape
         if self.fed + T > self.max_len:
             raise ValueError(f"sequence of {self.fed + T} tokens is longer than the caches' max_len={self.max_len}")
-        self.fed += T
+        self.topup = bool(self.paged) and (T > 1 or self.fed >= self.covered)
+        self.fed, self.chunk = self.fed + T, T
+        if self.topup:  # the pages given out now last page_size steps: a row brings a level a token a step at most
+            self.covered = self.fed + self.page_size
         run = self.run if T == 1 else segment
         if run is not segment:  # CUDA graphs: a new step, whose replays may reuse the last step's output memory
             torch.compiler.cudagraph_mark_step_begin()
         frames, i, out = run(self, 0, None, None, (idx, targets))
         while i < len(self.ops):  # stopped at a level's entry; out: what to read, and what the entry needs after
-            K, size = self.route(self.ops[i][1], out[0], frames[-1]['x'].size(0))
+            K, size = self.route(i, out[0], *frames[-1]['x'].shape[:2])
             if K == 0:  # no token enters: the level is the identity, go on after it
                 frames, i, out = run(self, self.skip_to[i], frames, None, (idx, targets))
             else:
                 frames, i, out = run(self, i, frames, (K, size, *out[1:]), (idx, targets))
         return out
 
-    def route(self, level, info, rows):
-        """The one host read at a level: info (the rows that enter, the longest cache after, and in a chunk of
-        several tokens a row the most a row brings). Returns K (0: no token enters) and how many of the `rows`
-        reaching the level to run (those that enter; compiled, a bucket). Grows the level's caches first if a row
-        needs more slots than they have."""
-        entering, need, *most = info.tolist()
-        K, last = most[0] if most else min(entering, 1), self.fed - 1  # the chunk's last position
-        stack = level.inner
-        if need > self.caches[stack][0].k.size(2) - 1:
-            capacity = self.capacity(stack, need, last + 1)
+    def given_out(self, i):
+        """The levels whose pages the entry at op i gives out: at the first level's entry, when the chunk tops up,
+        every level's; in a chunk of several tokens a row, also this level's, for what enters it."""
+        stacks = self.paged if i == self.first_entry and self.topup else []  # (compiled: guards on topup there only)
+        level = self.ops[i][1].inner
+        return stacks + [level] if self.chunk > 1 and level in self.paged and level not in stacks else stacks
+
+    def route(self, i, info, rows, T):
+        """The one host read at a level's entry (op i), where `rows` bring T tokens each: info, the tokens that
+        enter (several a row: the rows that enter, and the most a row brings), then the pages given out and the most a row has, for each
+        level that gave out pages here. Returns K (0: no token enters) and how many of the `rows` reaching the
+        level to run (those that enter; compiled, a bucket). Grows those levels' pools first, if they need it."""
+        values = info.tolist()
+        entering, K = (values[0], min(values[0], 1)) if T == 1 else values[:2]
+        numbers = values[1 if T == 1 else 2:]
+        for stack, used, most in zip(self.given_out(i), numbers[::2], numbers[1::2]):
+            self.grow(stack, used, most)
+        return K, bucket(entering, rows) if self.buckets else entering
+
+    def grow(self, stack, used, most):
+        """Room in a level's pool for the `used` pages given out, plus those its rows are expected to need until
+        max_len (keep ratios' product, and CACHE_SLACK); attention spans at least the `most` pages a row has (plus
+        what a row is expected to add: compiled, a new span is a new graph)."""
+        pages, ahead = self.pages[stack], self.keep[stack] * (1 + CACHE_SLACK) * (self.max_len - self.fed)
+        if used > pages.pool:
+            pages.resize(used + math.ceil(self.batch_size * ahead / pages.size))
             for kv in self.caches[stack]:
-                kv.grow(capacity)
+                kv.grow(pages.pool)
                 self.mark_static(kv.k)
                 self.mark_static(kv.v)
-        return K, bucket(entering, rows) if self.buckets else entering
+        if most > pages.width:
+            pages.span(min(pages.table.size(1), pages.pool, most + math.ceil(ahead / pages.size)))
 
     def mark_static(self, t):
         if self.static:  # compiled only: importing dynamo costs an eager process seconds
@@ -273,7 +410,7 @@ def segment(decoder, start, frames, entry, chunk):
         elif kind == 'block':
             f['x'] = layer(f['x'], f['cos'], f['sin'], f['cache'])
         elif kind == 'enter' and i > start:  # score the chunk here, and stop: the host decides the way on
-            return frames, i, score_chunk(decoder, layer, f)
+            return frames, i, score_chunk(decoder, layer, f, i)
         elif kind == 'enter':
             frames.append(enter_level(decoder, layer, f, *entry, rope))
         elif kind == 'exit':
@@ -285,49 +422,35 @@ def segment(decoder, start, frames, entry, chunk):
 def open_stack(decoder, stack, x, pos, valid, rows, rope, cos_sin=None):
     """A frame: the chunk x (b, K, C) of cache rows `rows` in a stack, with its cache context. cos_sin: the rotary
     tables at pos, when the frame it comes from has them."""
-    caches = decoder.caches[stack]
-    capacity = caches[0].k.size(2) - 1 if caches else 0
-    # attend_sparse: a token per row, some rows, eagerly on a CPU in fp32 (the sparse kernels there; a GPU decodes
+    # attend_sparse: a level's, a token per row, eagerly on a CPU in fp32 (the sparse kernels there; a GPU decodes
     # compiled: attend_rows)
-    sparse = (x.size(1) == 1 and rows.size(0) < decoder.batch_size and x.device.type == 'cpu' and caches and
-              decoder.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
-    slots, mask = cache_context(decoder.lens[stack], capacity, decoder.dtype, x.size(1), valid, rows, not sparse)
-    cache = CacheContext(rows, slots, mask, sparse_pattern(decoder, caches[0], rows, slots) if sparse else None)
+    sparse = bool(x.size(1) == 1 and not decoder.pages[stack].in_order and x.device.type == 'cpu' and
+                  decoder.caches[stack] and decoder.dtype in (torch.float32, torch.float64) and
+                  not torch.compiler.is_compiling())
+    cache = cache_context(decoder, stack, x.size(1), valid, rows, sparse)
     cos, sin = cos_sin or (rope[0][pos], rope[1][pos])
     return dict(x=x, pos=pos, valid=valid, rows=rows, cache=cache, cos=cos, sin=sin)
 
 
-def sparse_pattern(decoder, cache, rows, slots):
-    """attend_sparse's pattern for one token of each of the cache rows `rows` (b,), at their slots (b, 1): a CSR
-    matrix whose row (i, h) holds the slots 0 .. capacity - 1 of row i's cache and KV head h // (H / Hkv), flat,
-    with the mask as values (-inf past the token's own slot)."""
-    B, Hkv, L, _ = cache.k.shape
-    H, b = decoder.model.config.n_head, slots.size(0)
-    if L not in decoder.pattern_base:  # for cache row 0: each head's slots, and their numbers (H, L - 1)
-        slot = torch.arange(L - 1, device=slots.device).expand(H, -1)
-        heads = torch.arange(H, device=slots.device) // (H // Hkv) * L
-        decoder.pattern_base[L] = heads[:, None] + slot, slot
-    base, slot = decoder.pattern_base[L]
-    cols = (rows * (Hkv * L)).view(b, 1, 1) + base                                               # (b, H, L - 1)
-    bias = torch.zeros((), dtype=decoder.dtype).masked_fill(slot > slots.view(b, 1, 1), -math.inf)  # (b, H, L - 1)
-    crows = torch.arange(0, b * H * (L - 1) + 1, L - 1, device=slots.device)
-    return torch.sparse_csr_tensor(crows, cols.view(-1), bias.view(-1), size=(b * H, cache.v_flat.size(0)),
-                                   check_invariants=False)
-
-
-def score_chunk(decoder, level, f):
-    """A level's selection of the chunk in frame f, before the host read: (info to read, weights, counts)."""
-    x, valid = f['x'], f['valid']
+def score_chunk(decoder, level, f, i):
+    """A level's selection of the chunk in frame f at op i, before the host read: (info to read, weights, counts).
+    Gives out the pages that the chunk's tokens and the next steps need (Decoder.given_out)."""
+    x, valid, rows, T = f['x'], f['valid'], f['rows'], f['x'].size(1)
     scores = level.score(x)                                                  # (b, T)
     selected = scores > 0 if valid is None else (scores > 0) & valid
-    weights = scores.clamp(0, 1) * selected                                  # > 0 exactly where a token enters
+    weights = scores.clamp(0, 1) if valid is None else scores.clamp(0, 1) * valid  # > 0 exactly where one enters
     counts = selected.sum(1)                                                 # (b,) tokens entering, per row
-    filled = decoder.lens[level.inner].index_select(0, f['rows']) + counts   # (b,) each row's cache after
-    offered, kept = counts.new_tensor(x.size(0) * x.size(1)) if valid is None else valid.sum(), counts.sum()
+    offered, kept = counts.new_tensor(x.size(0) * T) if valid is None else valid.sum(), counts.sum()
     level.stats[:2].add_(torch.stack([offered, kept]))  # tokens offered and kept, for the logs
-    if x.size(1) == 1:  # a step: a row brings one token or none
-        return torch.stack([kept, filled.max()]), weights, counts
-    return torch.stack([(counts > 0).sum(), filled.max(), counts.max()]), weights, counts
+    info = [kept] if T == 1 else [(counts > 0).sum(), counts.max()]  # a step: a row brings one token or none
+    for stack in decoder.given_out(i):
+        lens = decoder.lens[stack]
+        if stack is level.inner and decoder.chunk > 1:  # room for what enters, and the next steps
+            info += allocate(decoder, stack, rows, lens.index_select(0, rows) + counts + decoder.page_size)
+        else:  # every row: room for this step's token, if it enters, and the next steps (a chunk: the rows that
+            every_row = torch.arange(decoder.batch_size, device=lens.device)  # reach a level get theirs there)
+            info += allocate(decoder, stack, every_row, lens + (decoder.page_size + (decoder.chunk == 1)))
+    return torch.stack(info), weights, counts
 
 
 def enter_level(decoder, level, f, K, size, weights, counts, rope):
@@ -335,12 +458,13 @@ def enter_level(decoder, level, f, K, size, weights, counts, rope):
     tokens that enter (K per row at most), and a frame for its stack."""
     x, pos, rows, order = f['x'], f['pos'], f['rows'], None
     if size < x.size(0):
-        order = counts.argsort(descending=True, stable=True)[:size]  # entering rows first
+        order = torch.topk(counts, size).indices  # entering rows first
         x, weights, rows = x.index_select(0, order), weights.index_select(0, order), rows.index_select(0, order)
         pos = pos if pos.size(0) == 1 else pos.index_select(0, order)
-    if x.size(1) == 1:  # one token per row (a decode step): it is the short sequence, or padding
+    if x.size(1) == 1:  # one token per row (a decode step): it is the short sequence, or padding (a bucket's)
         cos_sin = (f['cos'], f['sin']) if f['pos'].size(0) == 1 else None  # positions alike in all rows
-        index, short = None, open_stack(decoder, level.inner, x, pos, weights > 0, rows, rope, cos_sin)
+        valid = weights > 0 if decoder.buckets else None  # eagerly, only the rows that enter
+        index, short = None, open_stack(decoder, level.inner, x, pos, valid, rows, rope, cos_sin)
     else:  # weights as the scores: the same selection, and weights = clamp(s, 0, 1) for the kept tokens
         index, weights, inner_valid, _ = subsample_threshold(weights, None, K)  # (b, K)
         x_short, pos_short = gather_tokens(x, index), gather_tokens(pos.expand(x.size(0), -1), index)
@@ -352,7 +476,7 @@ def exit_level(level, inner, f):
     """Out of a level: its rows' tokens scattered back (upsample) and mixed by the bypass, into frame f's x."""
     x, y, w = inner['x_in'], inner['x'], inner['weights']
     if inner['index'] is None:  # one token per row
-        u = x + w[..., None].to(y.dtype) * (y - x)
+        u = torch.lerp(x, y, w[..., None].to(y.dtype))  # x + w * (y - x)
     else:
         u = upsample(x, y, inner['index'], w)
     out = level.bypass(x, u)

@@ -113,11 +113,11 @@ class ScoreControl:
         return hook
 
 
-def score_chunk_telling_positions(decoder, level, frame):
+def score_chunk_telling_positions(decoder, level, frame, i):
     """Decoding scores a level's tokens in generate.score_chunk, not in Level.forward: ScoreControl learns their
     positions and real tokens there (installed for every test in this module; eager decoding only)."""
     level._positions, level._valid, level._rows = frame['pos'], frame['valid'], frame['rows']
-    return score_chunk(decoder, level, frame)
+    return score_chunk(decoder, level, frame, i)
 
 
 generate_module.score_chunk = score_chunk_telling_positions
@@ -996,7 +996,11 @@ def test_batched_cached_decoding_runs_a_level_on_the_rows_that_enter(B, buckets,
         level.scorer.register_forward_pre_hook(lambda m, args, d=level.depth: steps[d].append([len(args[0]), 0]))
         level.inner.layers[0].register_forward_pre_hook(
             lambda m, args, d=level.depth: steps[d][-1].__setitem__(1, len(args[0])))
-    caches = {lv.depth: lv.inner.layers[0].attn for lv in model.levels()}  # the first block inside each level
+    levels = model.levels()
+
+    def cached(decoder, lv, r):  # row r's keys in the first block inside a level, in order: (Hkv, its length, D)
+        pages, kv = decoder.pages[lv.inner], lv.inner.layers[0].attn.kv_cache
+        return kv.k_flat[pages.slots(pages.spanned[r:r + 1], pages.kv_base)[0, :, :decoder.lens[lv.inner][r]]]
     idx = torch.randint(0, V, (B, 24), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     with torch.no_grad(), precision():
         full = model(idx, idx)[0].float()
@@ -1007,15 +1011,15 @@ def test_batched_cached_decoding_runs_a_level_on_the_rows_that_enter(B, buckets,
         for s in steps.values():
             s.clear()
         for t in range(8, 24):
-            lens = {lv.depth: decoder.lens[lv.inner].clone() for lv in model.levels()}
-            before = {d: attn.kv_cache.k.clone() for d, attn in caches.items()}
+            lens = {lv.depth: decoder.lens[lv.inner].clone() for lv in levels}
+            before = {(lv.depth, r): cached(decoder, lv, r) for lv in levels for r in range(B)}
             logits.append(decoder(idx[:, t:t + 1], idx[:, t:t + 1])[0].float())
-            for lv in model.levels():
+            for lv in levels:
                 grew = decoder.lens[lv.inner] - lens[lv.depth]
                 assert grew.min() >= 0 and grew.max() <= 1
                 for r in range(B):  # every row's cached slots stay as they were
-                    n = lens[lv.depth][r]
-                    assert torch.equal(caches[lv.depth].kv_cache.k[r, :, :n], before[lv.depth][r, :, :n])
+                    keys = before[lv.depth, r]
+                    assert torch.equal(cached(decoder, lv, r)[:, :keys.size(1)], keys)
             for lv in model.levels():  # this step's counters: real rows offered, rows entering
                 if steps[lv.depth] and len(steps[lv.depth][-1]) == 2:
                     steps[lv.depth][-1] += lv.stats[:2].tolist()
@@ -1032,22 +1036,28 @@ def test_batched_cached_decoding_runs_a_level_on_the_rows_that_enter(B, buckets,
     assert B == 64 or any(n == 0 for rows, inner, real, n in ran)  # steps where no row enters level 2
 
 
-def test_cache_of_a_row_that_enters_every_level_grows_past_its_initial_capacity(record_property):
-    """A level's caches start with room for the tokens expected to enter it; a row whose every token enters
-    (forced) needs all of max_len there: the caches grow, and the logits stay those of the full forward."""
+def test_cache_of_rows_that_enter_every_level_grows_past_its_first_pool(record_property):
+    """A level's pool starts with the pages its prompt used and those its rows are expected to need (keep ratios'
+    products); rows whose every token enters (forced) need max_len there: the pools grow, rows get pages past
+    the first pool's, attention spans them all, and the logits stay those of the full forward."""
     model = build(tiny(structure="T(T(TT)T)T", keep_ratio=0.5), seed=5, weight_scale=1.5).to(DEVICE).eval()
     ScoreControl(model, force_in={1: set(range(30)), 2: set(range(30))})
     idx = torch.randint(0, V, (3, 30), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     with torch.no_grad(), precision():
         full = model(idx, idx)[0].float()
-        decoder = Decoder(model, 3, 30)
-        capacity = lambda: [decoder.caches[lv.inner][0].k.size(2) - 1 for lv in model.levels()]  # noqa: E731
-        initial = capacity()
-        logits = [decoder(idx[:, :4], idx[:, :4])[0]] + [decoder(idx[:, t:t + 1], idx[:, t:t + 1])[0]
-                                                          for t in range(4, 30)]
-        final = capacity()
+        decoder = Decoder(model, 3, 30, page_size=4)
+        pools = lambda: [(decoder.pages[lv.inner].pool, decoder.pages[lv.inner].width)  # noqa: E731
+                         for lv in model.levels()]
+        logits = [decoder(idx[:, :4], idx[:, :4])[0]]
+        first = pools()  # level 1: (4 + 4) slots a row, 2 pages; level 2 grew at level 1's entry (a page a row,
+        # room for the next steps), and its 2 pages a row fit in that; then 26 steps times keep products, plus 10%
+        logits += [decoder(idx[:, t:t + 1], idx[:, t:t + 1])[0] for t in range(4, 30)]
+        final = pools()
+        used = [decoder.pages[lv.inner].used.item() for lv in model.levels()]
         decoder.close()
-    assert initial == [math.ceil(30 * 0.5 * 1.1), math.ceil(30 * 0.25 * 1.1)] and final == [30, 30]
+    assert first == [(6 + math.ceil(3 * 26 * 0.5 * 1.1 / 4), 2 + math.ceil(26 * 0.5 * 1.1 / 4)),
+                     (3 + math.ceil(3 * 26 * 0.25 * 1.1 / 4), 1 + math.ceil(26 * 0.25 * 1.1 / 4))]
+    assert used == [3 * 8, 3 * 8] and all(pool >= 24 and width == 8 for pool, width in final)  # 30 slots: 8 pages
     record_property('max_logit_diff', (torch.cat(logits, dim=1).float() - full).abs().max().item())
     assert (torch.cat(logits, dim=1).float() - full).abs().max() < LOGIT_TOL
 
