@@ -190,7 +190,9 @@ def cache_context(decoder, stack, K, valid, rows, sparse):
     last_seen = first if K == 1 else first + torch.arange(K, device=lens.device)       # (b, K)
     added = None if valid is None else valid.sum(1)                                    # (b,) real tokens
     slots = last_seen if added is None or K == 1 else torch.where(valid, last_seen, first + added[:, None])
-    if pages.in_order:  # every row (the model's; batch 1): slot s of KV head h at its first page + kv_start[h] + s
+    if not decoder.caches[stack]:  # recurrent blocks only: no cache to write or read
+        cache = None
+    elif pages.in_order:  # every row (the model's; batch 1): slot s of KV head h at its first page + kv_start[h] + s
         flat, index = None, (pages.first + slots)[:, None] + pages.kv_start           # (b, Hkv, K)
     else:  # the flat slots of the rows' pages in order, per KV head (attend_sparse: per query head): (b, heads, L)
         table = pages.spanned if every_row else pages.spanned.index_select(0, rows)    # (b, width)
@@ -199,7 +201,7 @@ def cache_context(decoder, stack, K, valid, rows, sparse):
         index = per_kv_head.gather(2, slots[:, None].expand(-1, Hkv, -1))            # (b, Hkv, K)
     if sparse:
         cache = CacheContext(index, None, pattern=sparse_pattern(decoder, pages, flat, slots))
-    else:
+    elif decoder.caches[stack]:
         L = pages.width * pages.size
         unseen = torch.arange(L, device=lens.device) > last_seen.view(-1, 1, K, 1)    # (b, 1, K, L)
         mask = torch.zeros(unseen.shape, dtype=decoder.dtype, device=lens.device).masked_fill(unseen, -math.inf)
