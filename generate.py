@@ -38,42 +38,38 @@ class KVCache(nn.Module):
     """One block's keys and values. The model's stack: (B, Hkv, max_len, D), LLaMA's dense cache, a row after row.
     A level's: a pool of pages of `size` slots, head-major, (Hkv, pages, size, D), which its stack's Pages give to
     the rows and which grows as they need more (head-major: a row whose pages are in order, as at batch 1, has each
-    head's slots in one run, which attention reads in place, in_order)."""
+    head's slots in one run, which attention reads in place, in_order). Kept flat, one slot a row (slots, D): a
+    write is an index_put into the buffer itself, which the compiler does in place (into a view, it would copy the
+    whole cache back)."""
 
     def __init__(self, pages, n_kv_head, size, head_dim, dtype, device, pool):
         super().__init__()
-        shape = (n_kv_head, pages, size, head_dim) if pool else (pages, n_kv_head, size, head_dim)
-        self.register_buffer('k', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer('v', torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.pool = pool
-        self.flat()
-
-    def flat(self):
-        """Views of the caches as one slot a row, (slots, D): where writes go and reads gather (keys also
-        transposed, for attend_sparse)."""
-        self.k_flat, self.v_flat = self.k.view(-1, self.k.size(3)), self.v.view(-1, self.v.size(3))
-        self.k_flat_t = self.k_flat.t()
+        self.shape, self.pool = (n_kv_head, pages, size, head_dim) if pool else (pages, n_kv_head, size, head_dim), pool
+        self.register_buffer('k', torch.zeros(pages * n_kv_head * size, head_dim, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer('v', torch.zeros_like(self.k), persistent=False)
+        self.k_t = self.k.t()  # attend_sparse's
 
     def grow(self, pages):
         """A pool with room for `pages` pages: the pages copied into larger buffers."""
         for name in ('k', 'v'):
-            old = getattr(self, name)
+            old = getattr(self, name).view(self.shape)
             new = old.new_zeros(old.size(0), pages, *old.shape[2:])
             new[:, :old.size(1)] = old
-            setattr(self, name, new)
-        self.flat()
+            setattr(self, name, new.view(-1, new.size(3)))
+        self.shape, self.k_t = tuple(new.shape), self.k.t()
 
     def in_order(self, L):
         """Keys and values (B, Hkv, L, D) where each row's slots lie in order, as views: the model's caches; a
         pool's first L slots of each head, which are a batch-1 row's (its pages are given out in order)."""
         if not self.pool:
-            return self.k, self.v
-        return self.k.view(self.k.size(0), -1, self.k.size(3))[None, :, :L], \
-            self.v.view(self.v.size(0), -1, self.v.size(3))[None, :, :L]
+            return self.k.view(self.shape), self.v.view(self.shape)
+        Hkv, D = self.shape[0], self.shape[3]
+        return self.k.view(Hkv, -1, D)[None, :, :L], self.v.view(Hkv, -1, D)[None, :, :L]
 
     def write(self, index, k, v):
         """k, v (b, Hkv, K, D) at the flat slots index (b, Hkv, K)."""
-        self.k_flat[index], self.v_flat[index] = k.to(self.k.dtype), v.to(self.v.dtype)
+        self.k[index], self.v[index] = k.to(self.k.dtype), v.to(self.v.dtype)
 
 
 @dataclass
@@ -147,9 +143,9 @@ class CacheContext:
             keys, values = cache.in_order(self.mask.size(-1))
             return attn.attend(q, keys.to(q.dtype), values.to(q.dtype), self.mask)
         if torch.compiler.is_compiling():  # compiled: one fused loop reads the rows' pages where they are
-            return attend_rows(q, cache.k_flat, cache.v_flat, self.mask, self.slots)
+            return attend_rows(q, cache.k, cache.v, self.mask, self.slots)
         # eagerly otherwise (a prompt's; bf16 on a CPU; a GPU): the rows' pages copied out, (b, Hkv, L, D)
-        keys, values = cache.k_flat[self.slots].to(q.dtype), cache.v_flat[self.slots].to(q.dtype)
+        keys, values = cache.k[self.slots].to(q.dtype), cache.v[self.slots].to(q.dtype)
         return attn.attend(q, keys, values, self.mask)
 
 
@@ -159,10 +155,10 @@ def attend_sparse(q, cache, pattern):
     scores, with the mask as its values. A sampled matmul computes the scores there only (SDDMM), a softmax, and a
     sparse matmul the weighted sum of the values: the other rows' pages are not read."""
     b, H, _, D = q.shape
-    scores = torch.sparse.sampled_addmm(pattern, q.view(b * H, D), cache.k_flat_t, alpha=D ** -0.5)
+    scores = torch.sparse.sampled_addmm(pattern, q.view(b * H, D), cache.k_t, alpha=D ** -0.5)
     weights = scores.values().view(b * H, -1)
     weights.copy_(torch.softmax(weights, dim=-1))  # scores becomes the attention weights
-    return torch.mm(scores, cache.v_flat).view(b, H, 1, D)
+    return torch.mm(scores, cache.v).view(b, H, 1, D)
 
 
 def attend_rows(q, k_flat, v_flat, mask, slots):

@@ -75,10 +75,11 @@ def test_sparse_attention_reads_only_the_rows_that_enter():
     H, Hkv, D, P = 4, 2, 8, 4
     pages = Pages.make(3, 12, P, Hkv, H, 'cpu')
     pages.resize(12)
-    cache = KVCache(pages.pool, Hkv, P, D, torch.float32, 'cpu', pool=True)  # (Hkv, pages, P, D)
+    cache = KVCache(pages.pool, Hkv, P, D, torch.float32, 'cpu', pool=True)
     cache.k.normal_(), cache.v.normal_()
+    keys_of, values_of = cache.k.view(cache.shape), cache.v.view(cache.shape)  # (Hkv, pages, P, D)
     own = [[5, 2, 9], [7, 7, 7], [0, 11, 11]]  # each row's pages in order; past its own, its last repeated
-    cache.k[:, [1, 3, 4, 6, 8, 10]], cache.v[:, [1, 3, 4, 6, 8, 10]] = float('nan'), float('nan')  # no row's here
+    keys_of[:, [1, 3, 4, 6, 8, 10]], values_of[:, [1, 3, 4, 6, 8, 10]] = float('nan'), float('nan')  # no row's
     pages.table.copy_(torch.tensor(own) * P)
     pages.span(3)
     rows, slots = torch.tensor([0, 1, 2]), torch.tensor([[9], [2], [5]])  # each row's token: its last slot seen
@@ -87,8 +88,8 @@ def test_sparse_attention_reads_only_the_rows_that_enter():
     cols = pages.slots(pages.spanned.index_select(0, rows), pages.head_base)  # (3, H, 12): flat slots, in order
     out = attend_sparse(q, cache, sparse_pattern(decoder, pages, cols, slots))
     for i, s in enumerate(slots[:, 0].tolist()):
-        keys = torch.cat([cache.k[:, p] for p in own[i]], dim=1)[None, :, :s + 1]  # (1, Hkv, s + 1, D)
-        values = torch.cat([cache.v[:, p] for p in own[i]], dim=1)[None, :, :s + 1]
+        keys = torch.cat([keys_of[:, p] for p in own[i]], dim=1)[None, :, :s + 1]  # (1, Hkv, s + 1, D)
+        values = torch.cat([values_of[:, p] for p in own[i]], dim=1)[None, :, :s + 1]
         expected = torch.nn.functional.scaled_dot_product_attention(q[i:i + 1], keys, values, enable_gqa=True)
         assert torch.allclose(out[i:i + 1], expected, atol=1e-6), (i, s)
 
