@@ -67,6 +67,10 @@ class KVCache(nn.Module):
         Hkv, D = self.shape[0], self.shape[3]
         return self.k.view(Hkv, -1, D)[None, :, :L], self.v.view(Hkv, -1, D)[None, :, :L]
 
+    def pages(self, page):
+        """Keys and values of the pages `page` (b, W) of a pool, each row's in order: (b, Hkv, W, size, D)."""
+        return self.k.view(self.shape)[:, page].transpose(0, 1), self.v.view(self.shape)[:, page].transpose(0, 1)
+
     def write(self, index, k, v):
         """k, v (b, Hkv, K, D) at the flat slots index (b, Hkv, K)."""
         self.k[index], self.v[index] = k.to(self.k.dtype), v.to(self.v.dtype)
@@ -129,8 +133,8 @@ class CacheContext:
     index: torch.Tensor   # (b, Hkv, K) the flat slots where the chunk's keys and values go
     mask: torch.Tensor    # (b, 1, K, L) added to the scores over the rows' L slots: 0 where a query sees one;
                           # None where the pattern holds it
-    slots: torch.Tensor = None    # a level: (b, Hkv, L) the flat slots of each row's cache, in order; None where
-                                  # the rows' slots lie in order (the model's stack; batch 1): KVCache.in_order
+    page: torch.Tensor = None     # a level: (b, width) the pages of each row, in order; None where the rows'
+                                  # slots lie in order (the model's stack; batch 1): KVCache.in_order
     pattern: torch.Tensor = None  # eager on a CPU, some rows, a token each: the slots they read (sparse_pattern)
 
     def attend(self, attn, q, k, v):
@@ -139,14 +143,16 @@ class CacheContext:
         cache.write(self.index, k, v)
         if self.pattern is not None:
             return attend_sparse(q, cache, self.pattern)
-        if self.slots is None:  # every cache row, each row's slots in order (KVCache.in_order)
+        if self.page is None:  # every cache row, each row's slots in order (KVCache.in_order)
             keys, values = cache.in_order(self.mask.size(-1))
             return attn.attend(q, keys.to(q.dtype), values.to(q.dtype), self.mask)
+        keys, values = cache.pages(self.page)  # (b, Hkv, W, size, D)
         if torch.compiler.is_compiling():  # compiled: one fused loop reads the rows' pages where they are
-            return attend_rows(q, cache.k, cache.v, self.mask, self.slots)
+            return attend_rows(q, keys, values, self.mask)
         # eagerly otherwise (a prompt's; bf16 on a CPU; a GPU): the rows' pages copied out, (b, Hkv, L, D)
-        keys, values = cache.k[self.slots].to(q.dtype), cache.v[self.slots].to(q.dtype)
-        return attn.attend(q, keys, values, self.mask)
+        b, Hkv, W, P, D = keys.shape
+        keys, values = keys.reshape(b, Hkv, W * P, D), values.reshape(b, Hkv, W * P, D)
+        return attn.attend(q, keys.to(q.dtype), values.to(q.dtype), self.mask)
 
 
 def attend_sparse(q, cache, pattern):
@@ -161,18 +167,18 @@ def attend_sparse(q, cache, pattern):
     return torch.mm(scores, cache.v).view(b, H, 1, D)
 
 
-def attend_rows(q, k_flat, v_flat, mask, slots):
-    """Attention of the queries q (b, H, K, D) over their rows' slots (b, Hkv, L) of the caches k_flat, v_flat
-    (slots, D), under mask (b, 1, K, L), written as gathers, products and sums that the compiler fuses into loops
-    reading the pages in place (SDPA or a matmul would first copy them out). Eager, it would materialize the
-    products: eager decoding uses attend_sparse on a CPU, elsewhere SDPA over a copy (CacheContext.attend). fp32
-    scores and softmax, as SDPA's."""
-    (b, H, K, D), dtype, Hkv = q.shape, q.dtype, slots.size(1)
-    k, v = k_flat[slots].float()[:, :, None, None], v_flat[slots].float()[:, :, None, None]  # (b, Hkv, 1, 1, L, D)
-    q = q.float().view(b, Hkv, H // Hkv, K, 1, D)                                            # grouped-query heads
-    scores = (q * k).sum(-1) * D ** -0.5 + mask[:, :, None]                                  # (b, Hkv, G, K, L)
-    y = (torch.softmax(scores, -1)[..., None] * v).sum(-2)                                   # (b, Hkv, G, K, D)
-    return y.view(b, H, K, D).to(dtype)
+def attend_rows(q, keys, values, mask):
+    """Attention of the queries q (b, H, K, D) over their rows' pages keys, values (b, Hkv, W, size, D), in order,
+    under mask (b, 1, K, W * size), written as gathers, products and sums that the compiler fuses into loops reading
+    the pages in place (SDPA or a matmul would first copy them out). Eager, it would materialize the products: eager
+    decoding uses attend_sparse on a CPU, elsewhere SDPA over a copy (CacheContext.attend). fp32 scores and softmax,
+    as SDPA's."""
+    (b, H, K, D), dtype, (Hkv, W, P) = q.shape, q.dtype, keys.shape[1:4]
+    k, v = keys.float()[:, :, None, None], values.float()[:, :, None, None]             # (b, Hkv, 1, 1, W, P, D)
+    q = q.float().view(b, Hkv, H // Hkv, K, 1, 1, D)                                     # grouped-query heads
+    scores = (q * k).sum(-1).flatten(-2) * D ** -0.5 + mask[:, :, None]                  # (b, Hkv, G, K, W * P)
+    weights = torch.softmax(scores, -1).view(b, Hkv, H // Hkv, K, W, P, 1)
+    return (weights * v).sum((-3, -2)).view(b, H, K, D).to(dtype)                        # summed over W, P
 
 
 def cache_context(decoder, stack, K, valid, rows, sparse):
@@ -189,24 +195,28 @@ def cache_context(decoder, stack, K, valid, rows, sparse):
     if not decoder.caches[stack]:  # recurrent blocks only: no cache to write or read
         cache = None
     elif pages.in_order:  # every row (the model's; batch 1): slot s of KV head h at its first page + kv_start[h] + s
-        flat, index = None, (pages.first + slots)[:, None] + pages.kv_start           # (b, Hkv, K)
-    else:  # the flat slots of the rows' pages in order, per KV head (attend_sparse: per query head): (b, heads, L)
+        index = (pages.first + slots)[:, None] + pages.kv_start                        # (b, Hkv, K)
+        cache = CacheContext(index, visible(decoder, last_seen, pages.width * pages.size))
+    else:
         table = pages.spanned if every_row else pages.spanned.index_select(0, rows)    # (b, width)
-        flat = pages.slots(table, pages.head_base if sparse else pages.kv_base)
-        per_kv_head = flat[:, ::flat.size(1) // Hkv] if sparse else flat
-        index = per_kv_head.gather(2, slots[:, None].expand(-1, Hkv, -1))            # (b, Hkv, K)
-    if sparse:
-        cache = CacheContext(index, None, pattern=sparse_pattern(decoder, pages, flat, slots))
-    elif decoder.caches[stack]:
-        L = pages.width * pages.size
-        unseen = torch.arange(L, device=lens.device) > last_seen.view(-1, 1, K, 1)    # (b, 1, K, L)
-        mask = torch.zeros(unseen.shape, dtype=decoder.dtype, device=lens.device).masked_fill(unseen, -math.inf)
-        cache = CacheContext(index, mask, flat)
+        if sparse:  # the flat slots of the rows' pages in order, per query head (b, H, L): the pattern's columns
+            flat = pages.slots(table, pages.head_base)
+            index = flat[:, ::flat.size(1) // Hkv].gather(2, slots[:, None].expand(-1, Hkv, -1))  # (b, Hkv, K)
+            cache = CacheContext(index, None, pattern=sparse_pattern(decoder, pages, flat, slots))
+        else:
+            index = (table.gather(1, slots // pages.size) + slots % pages.size)[:, None] + pages.kv_start
+            cache = CacheContext(index, visible(decoder, last_seen, pages.width * pages.size), table // pages.size)
     if added is None and every_row:  # last: first may be a view of lens
         lens.add_(K)
     else:
         lens.index_add_(0, rows, torch.full_like(rows, K) if added is None else added)
     return cache
+
+
+def visible(decoder, last_seen, L):
+    """The mask (b, 1, K, L) of queries whose last slot seen is last_seen (b, K): 0 up to it, -inf after."""
+    unseen = torch.arange(L, device=last_seen.device) > last_seen.view(-1, 1, last_seen.size(1), 1)
+    return torch.zeros(unseen.shape, dtype=decoder.dtype, device=last_seen.device).masked_fill(unseen, -math.inf)
 
 
 def sparse_pattern(decoder, pages, cols, slots):
