@@ -644,7 +644,7 @@ if decodes:
     print("aten ops and host reads: one eager pass of the decode steps, counted (a TorchDispatchMode; host reads: "
           "generate.Decoder.route's, at most one per level a step reaches, and any .item()); the kernels an eager "
           "step launches. KV cache: the bytes of every block's keys and values at the end of the decode (a level's "
-          "cache holds about what enters it, model's prompt + decoded tokens times its keep ratios, plus 10%).")
+          "caches: pages given to its rows as they need them, and those expected until max_len, plus 10%).")
 if compile:
     print("torch.compile, graphs compiled in each measurement's warmup (graph breaks): " + ', '.join(
         f"{r['mode']} T={r['seq_len']} {r['model']} {r['graphs']} ({r['graph_breaks']})"

@@ -354,9 +354,10 @@ class Decoder:
 
     def route(self, i, info, rows, T):
         """The one host read at a level's entry (op i), where `rows` bring T tokens each: info, the tokens that
-        enter (several a row: the rows that enter, and the most a row brings), then the pages given out and the most a row has, for each
-        level that gave out pages here. Returns K (0: no token enters) and how many of the `rows` reaching the
-        level to run (those that enter; compiled, a bucket). Grows those levels' pools first, if they need it."""
+        enter (several a row: the rows that enter, and the most a row brings), then the pages given out and the most
+        a row has, for each level that gave out pages here (given_out). Returns K (0: no token enters) and how many
+        of the `rows` reaching the level to run (those that enter; compiled, a bucket). Grows those levels' pools
+        first, if they need it."""
         values = info.tolist()
         entering, K = (values[0], min(values[0], 1)) if T == 1 else values[:2]
         numbers = values[1 if T == 1 else 2:]
