@@ -109,12 +109,12 @@ class Pages:
     def resize(self, pool):
         """Room for `pool` pages. Where each KV head's part of a page starts, from the page's start (kv_start: a
         level's caches are head-major, so pool * size slots after the last's), and the slots of a page from its
-        start, per KV head (kv_base) and per query head (head_base)."""
+        start for each query head (head_base: grouped-query heads share their KV head's)."""
         heads, offsets = self.n_kv_head, torch.arange(self.size, device=self.table.device)
         self.pool, apart = pool, self.size if self.dense else pool * self.size  # a KV head's part from the last's
         self.kv_start = torch.arange(heads, device=self.table.device)[:, None] * apart           # (Hkv, 1)
-        self.kv_base = self.kv_start[:, :, None] + offsets                                       # (Hkv, 1, size)
-        self.head_base = self.kv_base.repeat_interleave(self.n_head // heads, 0)                 # (H, 1, size)
+        kv_base = self.kv_start[:, :, None] + offsets                                            # (Hkv, 1, size)
+        self.head_base = kv_base.repeat_interleave(self.n_head // heads, 0)                      # (H, 1, size)
 
     def span(self, width):
         """Attention spans the first `width` pages of each row."""

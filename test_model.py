@@ -1000,7 +1000,8 @@ def test_batched_cached_decoding_runs_a_level_on_the_rows_that_enter(B, buckets,
 
     def cached(decoder, lv, r):  # row r's keys in the first block inside a level, in order: (Hkv, its length, D)
         pages, kv = decoder.pages[lv.inner], lv.inner.layers[0].attn.kv_cache
-        return kv.k[pages.slots(pages.spanned[r:r + 1], pages.kv_base)[0, :, :decoder.lens[lv.inner][r]]]
+        keys = kv.pages(pages.spanned[r:r + 1] // pages.size)[0]  # (Hkv, width, size, D)
+        return keys.reshape(keys.size(0), -1, keys.size(-1))[:, :decoder.lens[lv.inner][r]]
     idx = torch.randint(0, V, (B, 24), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     with torch.no_grad(), precision():
         full = model(idx, idx)[0].float()
